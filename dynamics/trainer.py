@@ -1,0 +1,254 @@
+"""A generic supervised trainer that emits the events probes attach to."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dynamics.clipping import DeltaGClip, DeltaWarmup, global_grad_norm, unclipped_step
+from dynamics.data import TensorLoader
+from dynamics.events import Callback, Recorder, TrainState
+
+log = logging.getLogger(__name__)
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became non-finite or exceeded the configured bound."""
+
+    def __init__(self, epoch: int, step: int, loss: float, reason: str) -> None:
+        super().__init__(f"run diverged at epoch {epoch}, step {step}: {reason} (loss={loss})")
+        self.epoch, self.step, self.loss, self.reason = epoch, step, loss, reason
+
+
+def select_device(device: str | torch.device = "auto") -> torch.device:
+    """Return the requested device, or for ``auto`` the first of cuda, mps, cpu present."""
+    if str(device) != "auto":
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"invalid device={str(device)!r}: CUDA is not available here; use 'cpu' or 'auto'")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"invalid device={str(device)!r}: MPS is not available here; use 'cpu' or 'auto'")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the training loop itself (the optimizer and model come built).
+
+    ``milestones`` are epochs (1-based, counted as completed epochs) after which every
+    group's learning rate is multiplied by ``lr_factor``. ``max_loss`` marks a run as
+    diverged when a training batch's loss exceeds it; a non-finite loss always does.
+    """
+
+    epochs: int
+    milestones: Sequence[int] = ()
+    lr_factor: float = 0.1
+    max_loss: float = math.inf
+    progress: bool | None = None  # None: show the bar only on a terminal
+    warmup_epochs: int | None = None  # δ-GClip only in the first epochs, then unclipped
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"invalid epochs={self.epochs!r}: expected an integer >= 1")
+        for milestone in self.milestones:
+            if not 1 <= milestone <= self.epochs:
+                raise ValueError(
+                    f"invalid LR milestone {milestone}: expected an epoch in 1..{self.epochs} (epochs={self.epochs})"
+                )
+        if not 0 < self.lr_factor <= 1:
+            raise ValueError(f"invalid lr_factor={self.lr_factor}: expected a number in (0, 1]")
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns: the recorded frames and how the run ended."""
+
+    recorder: Recorder
+    status: str  # "completed" or "diverged"
+    wall_time: float
+    reason: str = ""
+    diverged_step: int | None = None
+    extras: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """Train ``model`` and call the callbacks at each event (see :mod:`dynamics.events`).
+
+    Each step: forward, ``loss_fn`` (mean over the batch), backward, one global
+    gradient-norm measurement, ``after_backward``, optimizer step, ``after_step``.
+    The optimizer may be a :class:`DeltaGClip`, whose measurement is shared with the
+    callbacks, or any ``torch.optim`` optimizer (then the clip factor is 1).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        train_loader: TensorLoader,
+        test_loader: TensorLoader,
+        optimizer: torch.optim.Optimizer,
+        config: TrainConfig,
+        callbacks: Iterable[Callback] = (),
+        device: torch.device | str = "cpu",
+        run_id: str = "",
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.train_loader = train_loader
+        self.test_loader = test_loader
+        self.optimizer = optimizer
+        self.config = config
+        self.callbacks = list(callbacks)
+        self.device = torch.device(device)
+        self.run_id = run_id
+        self.scheduler = None
+        if config.milestones:
+            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+                optimizer, milestones=list(config.milestones), gamma=config.lr_factor
+            )
+        self.warmup = None
+        if config.warmup_epochs is not None:
+            if not isinstance(optimizer, DeltaGClip):
+                raise ValueError("warmup_epochs needs a DeltaGClip optimizer")
+            self.warmup = DeltaWarmup(optimizer, config.warmup_epochs)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def _emit(self, event: str, state: TrainState) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(state)
+
+    def _measure(self):
+        if isinstance(self.optimizer, DeltaGClip):
+            return self.optimizer.measure()
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        return unclipped_step(global_grad_norm(self.params).item(), lr)
+
+    @torch.no_grad()
+    def evaluate(self, loader: TensorLoader) -> tuple[float, float]:
+        """Return (mean loss, accuracy) of the model in eval mode over ``loader``."""
+        was_training = self.model.training
+        self.model.eval()
+        total_loss, correct, count = 0.0, 0, 0
+        for inputs, targets in loader:
+            outputs = self.model(inputs)
+            total_loss += self.loss_fn(outputs, targets).item() * len(targets)
+            correct += (outputs.argmax(1) == targets).sum().item()
+            count += len(targets)
+        self.model.train(was_training)
+        return total_loss / count, correct / count
+
+    def fit(self) -> TrainResult:
+        """Train for ``config.epochs`` epochs, or until the loss diverges."""
+        config = self.config
+        recorder = Recorder()
+        state = TrainState(
+            model=self.model,
+            optimizer=self.optimizer,
+            loss_fn=self.loss_fn,
+            device=self.device,
+            recorder=recorder,
+            run_id=self.run_id,
+            epochs=config.epochs,
+        )
+        self.model.train()
+        started = time.perf_counter()
+        self._emit("on_train_start", state)
+        try:
+            for epoch in range(1, config.epochs + 1):
+                self._train_epoch(state, epoch, started)
+        except DivergenceError as error:
+            log.error("%s", error)
+            self._emit("on_train_end", state)
+            return TrainResult(recorder, "diverged", time.perf_counter() - started, str(error), error.step)
+        self._emit("on_train_end", state)
+        return TrainResult(recorder, "completed", time.perf_counter() - started)
+
+    def _train_epoch(self, state: TrainState, epoch: int, started: float) -> None:
+        config = self.config
+        state.epoch = epoch
+        if self.warmup is not None:
+            self.warmup.set_epoch(epoch - 1)
+        epoch_started = time.perf_counter()
+        loss_sum, correct, count = 0.0, 0, 0
+        bar = tqdm(
+            self.train_loader,
+            desc=f"epoch {epoch}/{config.epochs}",
+            leave=False,
+            disable=None if config.progress is None else not config.progress,
+        )
+        for inputs, targets in bar:
+            outputs = self.model(inputs)
+            loss = self.loss_fn(outputs, targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+
+            state.step += 1
+            state.inputs, state.targets = inputs, targets
+            state.loss = loss.item()  # host sync: the divergence check needs the value
+            state.measurement = self._measure()
+            state.step_row = {
+                "run_id": self.run_id,
+                "epoch": epoch,
+                "step": state.step,
+                "loss": state.loss,
+                "lr": state.measurement.lr,
+            }
+            if not math.isfinite(state.loss) or state.loss > config.max_loss:
+                reason = "non-finite loss" if not math.isfinite(state.loss) else f"loss above max_loss={config.max_loss}"
+                state.recorder.append("steps", state.step_row)
+                raise DivergenceError(epoch, state.step, state.loss, reason)
+
+            self._emit("after_backward", state)
+            self.optimizer.step()
+            self._emit("after_step", state)
+            state.recorder.append("steps", state.step_row)
+
+            loss_sum += state.loss * len(targets)
+            correct += (outputs.detach().argmax(1) == targets).sum().item()
+            count += len(targets)
+        bar.close()
+
+        test_loss, test_acc = self.evaluate(self.test_loader)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        state.epoch_row = {
+            "run_id": self.run_id,
+            "epoch": epoch,
+            "train_loss": loss_sum / count,
+            "train_acc": correct / count,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "lr": lr,
+        }
+        self._emit("on_epoch_end", state)
+        state.epoch_row["epoch_time"] = time.perf_counter() - epoch_started
+        state.recorder.append("epochs", state.epoch_row)
+        log.info(format_epoch_line(state.epoch_row, config.epochs, time.perf_counter() - started))
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+
+def format_epoch_line(row: dict, epochs: int, elapsed: float) -> str:
+    """Format the one fixed-width log line per epoch; probe columns appear when present."""
+    line = (
+        f"epoch {row['epoch']:>4d}/{epochs:<4d} | train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:6.2f}% "
+        f"| test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:6.2f}% | lr {row['lr']:.3e}"
+    )
+    if "mean_effective_lr" in row:
+        line += f" | mean h {row['mean_effective_lr']:.3e}"
+    if "delta_active_fraction" in row:
+        line += f" | δ-active {100 * row['delta_active_fraction']:5.1f}%"
+    if "lambda_max" in row:
+        line += f" | λmax {row['lambda_max']:.4g}"
+    return line + f" | {row.get('epoch_time', 0.0):6.2f} s/epoch | {elapsed:7.1f} s total"

@@ -1,0 +1,218 @@
+"""Publication figures drawn from tidy frames; every function takes frames and returns a Figure.
+
+Figures are sized for a two-column paper (6.75 in text width, 8 pt type) and use
+seaborn's colour-blind palette. On log axes, non-positive and non-finite values are
+masked and each panel says how many were.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from reports.tables import METHOD_ORDER, method_label  # noqa: E402
+
+TEXT_WIDTH = 6.75  # inches, two-column paper
+COLUMN_WIDTH = 3.25
+PANEL_HEIGHT = 2.1
+
+STYLE = {
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "legend.fontsize": 7,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "lines.linewidth": 1.2,
+    "savefig.dpi": 200,
+    "savefig.bbox": "tight",
+}
+
+
+def log_mask(values: pd.Series | np.ndarray) -> tuple[np.ndarray, int]:
+    """Return the values with non-positive and non-finite entries set to NaN, and their count."""
+    values = np.asarray(values, dtype=float)
+    bad = ~np.isfinite(values) | (values <= 0)
+    masked = values.copy()
+    masked[bad] = np.nan
+    return masked, int(bad.sum())
+
+
+def note_masked(ax: plt.Axes, count: int) -> None:
+    """Say in the panel how many values a log axis could not show."""
+    if count:
+        ax.text(0.98, 0.02, f"{count} non-positive or non-finite masked", transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=6, color="0.35")
+
+
+def _method_keys(frame: pd.DataFrame) -> list[tuple[str, float | None]]:
+    """Return the (method, δ) pairs present, δ None for SGD and GClip, in legend order."""
+    keys = {(m, None if pd.isna(d) else float(d)) for m, d in zip(frame["method"], frame["delta"])}
+    return sorted(keys, key=lambda k: (METHOD_ORDER.get(k[0], 9), -1 if k[1] is None else k[1]))
+
+
+def _select(frame: pd.DataFrame, key: tuple[str, float | None]) -> pd.DataFrame:
+    delta = frame["delta"].isna() if key[1] is None else frame["delta"] == key[1]
+    return frame[(frame["method"] == key[0]) & delta]
+
+
+def _palette(keys: list[tuple[str, float]]) -> dict[tuple[str, float], tuple]:
+    colors = sns.color_palette("colorblind", n_colors=max(len(keys), 1))
+    return {key: colors[i % len(colors)] for i, key in enumerate(keys)}
+
+
+def _linestyle(method: str) -> str:
+    return {"sgd": ":", "gclip": "--"}.get(method, "-")
+
+
+def _panels(count: int, ncols_max: int = 3, sharey: bool = True):
+    ncols = max(1, min(count, ncols_max))
+    nrows = max(1, math.ceil(count / ncols))
+    width = TEXT_WIDTH if ncols > 1 else COLUMN_WIDTH
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, PANEL_HEIGHT * nrows + 0.4), squeeze=False, sharey=sharey)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:count])
+
+
+def _with_method(frame: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    columns = ["run_id", "depth", "width", "method", "delta"]
+    return frame.merge(runs[columns], on="run_id", how="inner")
+
+
+def _legend(fig: plt.Figure, axes: list[plt.Axes]) -> None:
+    handles, labels = [], []
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    if handles:
+        fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 8), frameon=False,
+                   bbox_to_anchor=(0.5, 1.0 + 0.02))
+        fig.tight_layout(rect=(0, 0, 1, 0.9))
+
+
+def lines_by_depth(
+    frame: pd.DataFrame, runs: pd.DataFrame, x: str, y: str, ylabel: str, xlabel: str = "epoch", log_y: bool = True
+) -> plt.Figure:
+    """Draw ``y`` against ``x`` with one panel per depth and one line per method."""
+    with plt.rc_context(STYLE):
+        data = _with_method(frame, runs)
+        depths = sorted(data["depth"].unique()) if not data.empty else []
+        fig, axes = _panels(len(depths) or 1)
+        palette = _palette(_method_keys(data)) if not data.empty else {}
+        for ax, depth in zip(axes, depths):
+            panel = data[data["depth"] == depth]
+            masked_total = 0
+            for key in _method_keys(panel):
+                line = _select(panel, key)
+                line = line.groupby(x, as_index=False)[y].mean().sort_values(x)
+                values, masked = (log_mask(line[y]) if log_y else (line[y].to_numpy(float), 0))
+                masked_total += masked
+                ax.plot(line[x], values, label=method_label(*key), color=palette[key], linestyle=_linestyle(key[0]))
+            if log_y:
+                ax.set_yscale("log")
+            note_masked(ax, masked_total)
+            ax.set_title(f"depth {depth}")
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3, linewidth=0.5)
+        axes[0].set_ylabel(ylabel)
+        if not depths:
+            axes[0].text(0.5, 0.5, "no data", ha="center", va="center", transform=axes[0].transAxes)
+        _legend(fig, axes)
+        return fig
+
+
+def eos_deviation_figure(sharpness: pd.DataFrame, runs: pd.DataFrame) -> plt.Figure:
+    """|λ_max − 2/h| over training: one panel per depth, one line per method."""
+    data = sharpness[sharpness["threshold_kind"] == "2/h"] if not sharpness.empty else sharpness
+    return lines_by_depth(data, runs, "epoch", "deviation", r"$|\lambda_{\max} - 2/h|$")
+
+
+def effective_lr_figure(epochs: pd.DataFrame, runs: pd.DataFrame) -> plt.Figure:
+    """Epoch mean of the effective step size h_t: one panel per depth, one line per method."""
+    return lines_by_depth(epochs, runs, "epoch", "mean_effective_lr", "mean effective step size $h$")
+
+
+def lambda_vs_threshold_figure(sharpness: pd.DataFrame, runs: pd.DataFrame) -> plt.Figure:
+    """Every λ_max measurement against its 2/h, one colour per method, with the line λ = 2/h."""
+    with plt.rc_context(STYLE):
+        data = _with_method(sharpness[sharpness["threshold_kind"] == "2/h"], runs) if not sharpness.empty else sharpness
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, COLUMN_WIDTH * 0.85))
+        if data.empty:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+            return fig
+        keys = _method_keys(data)
+        palette = _palette(keys)
+        markers = dict(zip(sorted(data["depth"].unique()), "os^Dvp<>h*"))
+        x_all, x_masked = log_mask(data["threshold"])
+        y_all, y_masked = log_mask(data["lambda_max"])
+        data = data.assign(_x=x_all, _y=y_all)
+        for key in keys:
+            for depth, marker in markers.items():
+                points = _select(data, key)
+                points = points[points["depth"] == depth]
+                ax.scatter(points["_x"], points["_y"], s=9, marker=marker, color=palette[key], alpha=0.8, linewidths=0,
+                           label=method_label(*key) if depth == min(markers) else None)
+        finite = np.concatenate([x_all[np.isfinite(x_all)], y_all[np.isfinite(y_all)]])
+        if finite.size:
+            low, high = finite.min() / 1.5, finite.max() * 1.5
+            ax.plot([low, high], [low, high], color="0.3", linewidth=0.8, linestyle="--", label=r"$\lambda_{\max} = 2/h$")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(r"stability threshold $2/h$")
+        ax.set_ylabel(r"$\lambda_{\max}$")
+        note_masked(ax, max(x_masked, y_masked))
+        marker_note = ", ".join(f"{m} depth {d}" for d, m in markers.items())
+        ax.set_title(f"markers: {marker_note}", fontsize=6)
+        ax.grid(alpha=0.3, linewidth=0.5)
+        ax.legend(frameon=False, fontsize=6, loc="best")
+        fig.tight_layout()
+        return fig
+
+
+def accuracy_vs_delta_figure(runs: pd.DataFrame) -> plt.Figure:
+    """Final test accuracy against δ, one panel per depth, GClip and SGD as horizontal lines."""
+    with plt.rc_context(STYLE):
+        completed = runs[runs["status"] == "completed"]
+        depths = sorted(completed["depth"].unique())
+        fig, axes = _panels(len(depths) or 1, sharey=False)
+        colors = sns.color_palette("colorblind", 3)
+        for ax, depth in zip(axes, depths):
+            panel = completed[completed["depth"] == depth]
+            delta_runs = panel[panel["method"] == "dgclip"].sort_values("delta")
+            deltas, masked = log_mask(delta_runs["delta"])
+            ax.plot(deltas, delta_runs["final_test_acc"], marker="o", markersize=3, color=colors[0], label="δ-GClip")
+            for method, color, style in (("gclip", colors[1], "--"), ("sgd", colors[2], ":")):
+                baseline = panel[panel["method"] == method]
+                if len(baseline):
+                    ax.axhline(baseline["final_test_acc"].iloc[0], color=color, linestyle=style, label=method_label(method, None))
+            ax.set_xscale("log")
+            note_masked(ax, masked)
+            ax.set_title(f"depth {depth}")
+            ax.set_xlabel("δ")
+            ax.grid(alpha=0.3, linewidth=0.5)
+        axes[0].set_ylabel("final test accuracy")
+        if not depths:
+            axes[0].text(0.5, 0.5, "no completed runs", ha="center", va="center", transform=axes[0].transAxes)
+        _legend(fig, axes)
+        return fig
+
+
+def save_figure(fig: plt.Figure, directory: Path, name: str) -> list[Path]:
+    """Save ``fig`` as PNG and PDF and close it; return both paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"{name}.png", directory / f"{name}.pdf"]
+    for path in paths:
+        fig.savefig(path)
+    plt.close(fig)
+    return paths

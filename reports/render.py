@@ -1,0 +1,95 @@
+"""Render a study directory's tables, figures and ``report.md`` from its frames alone."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from reports import figures, tables
+
+log = logging.getLogger(__name__)
+
+FRAME_NAMES = ("runs", "steps", "epochs", "sharpness", "grad_hist")
+
+
+class ReportError(RuntimeError):
+    """A study directory holds no frames to report on."""
+
+
+def read_frames(directory: Path) -> dict[str, pd.DataFrame]:
+    """Read ``frames/*.parquet``, or concatenate ``runs/*/*.parquet`` when those are absent."""
+    frames = {}
+    for name in FRAME_NAMES:
+        path = directory / "frames" / f"{name}.parquet"
+        if path.is_file():
+            frames[name] = pd.read_parquet(path)
+            continue
+        parts = [pd.read_parquet(p) for p in sorted(directory.glob(f"runs/*/{name}.parquet"))]
+        parts = [p for p in parts if not p.empty]
+        frames[name] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if frames["runs"].empty:
+        raise ReportError(
+            f"no runs to report in {directory}: expected frames/runs.parquet or runs/*/runs.parquet; "
+            "run `eos study ... --out DIR` first"
+        )
+    return frames
+
+
+def render_report(directory: str | Path) -> Path:
+    """Write tables (CSV, Markdown, LaTeX), figures (PNG, PDF) and report.md; return report.md."""
+    directory = Path(directory)
+    frames = read_frames(directory)
+    runs = frames["runs"]
+    table_dir, figure_dir = directory / "tables", directory / "figures"
+
+    table_specs = [
+        ("delta_star", tables.delta_star_table(runs),
+         "Optimal δ* per depth (best final test accuracy, ties to lower test loss), with the GClip and SGD baselines."),
+        ("runs", tables.runs_table(runs),
+         "Every run: final test accuracy and loss, train loss, last gradient norm, mean and early RUM, δ-active epochs."),
+        ("sharpness", tables.sharpness_table(runs),
+         "Final λ_max against the stability threshold 2/h of the last step taken, and |λ_max − 2/h|."),
+    ]
+    for name, table, caption in table_specs:
+        tables.write_table(table, table_dir, name, caption)
+
+    empty = pd.DataFrame(columns=["run_id", "epoch", "threshold_kind", "deviation", "lambda_max", "threshold"])
+    sharpness = frames["sharpness"] if not frames["sharpness"].empty else empty
+    epochs = frames["epochs"] if "mean_effective_lr" in frames["epochs"] else pd.DataFrame(columns=["run_id", "epoch", "mean_effective_lr"])
+    figure_specs = [
+        ("eos_deviation", figures.eos_deviation_figure(sharpness, runs),
+         "EoS deviation |λ_max − 2/h| over training, one panel per depth and one line per method."),
+        ("effective_lr", figures.effective_lr_figure(epochs, runs),
+         "Epoch mean of the effective step size h = η·c over training, per depth."),
+        ("lambda_vs_threshold", figures.lambda_vs_threshold_figure(sharpness, runs),
+         "Every λ_max measurement against its threshold 2/h; points on the dashed line sit at the edge of stability."),
+        ("accuracy_vs_delta", figures.accuracy_vs_delta_figure(runs),
+         "Final test accuracy against δ per depth; GClip (dashed) and SGD (dotted) for reference."),
+    ]
+    for name, fig, _ in figure_specs:
+        figures.save_figure(fig, figure_dir, name)
+
+    lines = [f"# Study report: {directory.name}", ""]
+    study_path = directory / "study.json"
+    if study_path.is_file():
+        study = json.loads(study_path.read_text())
+        lines += [
+            f"Study `{study.get('name')}`, preset `{study.get('preset')}`: depths {study.get('depths')}, "
+            f"methods {study.get('methods')}, δ {study.get('deltas')}.",
+            "",
+        ]
+    counts = runs["status"].value_counts().to_dict()
+    lines += [f"Runs: {len(runs)} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}).", ""]
+    for name, table, caption in table_specs:
+        lines += [f"## Table `{name}`", "", caption, "", tables.to_markdown(table), "",
+                  f"Files: `tables/{name}.csv`, `tables/{name}.md`, `tables/{name}.tex`.", ""]
+    for name, _, caption in figure_specs:
+        lines += [f"## Figure `{name}`", "", caption, "", f"![{name}](figures/{name}.png)", "",
+                  f"Files: `figures/{name}.png`, `figures/{name}.pdf`.", ""]
+    report = directory / "report.md"
+    report.write_text("\n".join(lines))
+    log.info("report written to %s", report)
+    return report

@@ -1,0 +1,125 @@
+"""Tables built from the tidy frames of a study: δ* per depth, every run, final sharpness.
+
+Conventions:
+
+- δ* is the δ of the δ-GClip run with the best final test accuracy at a given depth
+  and width; ties go to the lower final test loss. Only completed runs compete.
+- The sharpness table compares the last λ_max with 2/h, where h is the step size of
+  the last optimizer step before the measurement.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+METHOD_ORDER = {"sgd": 0, "gclip": 1, "dgclip": 2}
+
+
+def method_label(method: str, delta: float | None) -> str:
+    """Return the legend label of a method: ``SGD``, ``GClip`` or ``δ=0.2``."""
+    if method == "dgclip" and delta is not None:
+        return f"δ={delta:g}"
+    return {"sgd": "SGD", "gclip": "GClip"}.get(method, method)
+
+
+def sort_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Order runs by depth, width, method (SGD, GClip, δ-GClip) and δ."""
+    order = runs.assign(_method=runs["method"].map(METHOD_ORDER).fillna(9), _delta=runs["delta"].fillna(-1))
+    return order.sort_values(["depth", "width", "_method", "_delta"]).drop(columns=["_method", "_delta"])
+
+
+def delta_star_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Return one row per (depth, width): δ*, its test accuracy and loss, and the baselines."""
+    rows = []
+    completed = runs[runs["status"] == "completed"]
+    for (depth, width), group in completed.groupby(["depth", "width"], sort=True):
+        candidates = group[group["method"] == "dgclip"].sort_values(
+            ["final_test_acc", "final_test_loss"], ascending=[False, True]
+        )
+        if candidates.empty:
+            continue
+        best = candidates.iloc[0]
+        row = {
+            "depth": depth,
+            "width": width,
+            "delta_star": best["delta"],
+            "test_acc": best["final_test_acc"],
+            "test_loss": best["final_test_loss"],
+            "delta_active_fraction": best.get("delta_active_step_fraction", np.nan),
+        }
+        for method in ("gclip", "sgd"):
+            baseline = group[group["method"] == method]
+            row[f"{method}_test_acc"] = baseline["final_test_acc"].iloc[0] if len(baseline) else np.nan
+            row[f"{method}_test_loss"] = baseline["final_test_loss"].iloc[0] if len(baseline) else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Return every run with its final metrics, δ activity and RUM; δ* rows marked."""
+    stars = delta_star_table(runs)
+    star_keys = set(zip(stars["depth"], stars["width"], stars["delta_star"])) if not stars.empty else set()
+    table = sort_runs(runs)
+    return pd.DataFrame(
+        {
+            "depth": table["depth"],
+            "width": table["width"],
+            "method": [method_label(m, d) for m, d in zip(table["method"], table["delta"])],
+            "delta": table["delta"],
+            "delta_star": [
+                m == "dgclip" and (dp, w, d) in star_keys
+                for m, dp, w, d in zip(table["method"], table["depth"], table["width"], table["delta"])
+            ],
+            "test_acc": table["final_test_acc"],
+            "max_test_acc": table["max_test_acc"],
+            "test_loss": table["final_test_loss"],
+            "train_loss": table["final_train_loss"],
+            "grad_norm": table["final_grad_norm"],
+            "mean_rum": table["mean_rum"],
+            "early_rum": table["early_rum"],
+            "delta_active_epochs": table.get("delta_active_epochs"),
+            "last_delta_active_epoch": table.get("last_delta_active_epoch"),
+            "delta_active_fraction": table.get("delta_active_step_fraction"),
+            "status": table["status"],
+        }
+    ).reset_index(drop=True)
+
+
+def sharpness_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Return final λ_max, h, 2/h and |λ_max − 2/h| per run, grouped by method then depth."""
+    table = runs.assign(_method=runs["method"].map(METHOD_ORDER).fillna(9), _delta=runs["delta"].fillna(-1))
+    table = table.sort_values(["_method", "_delta", "depth", "width"])
+    return pd.DataFrame(
+        {
+            "method": [method_label(m, d) for m, d in zip(table["method"], table["delta"])],
+            "depth": table["depth"],
+            "width": table["width"],
+            "delta": table["delta"],
+            "lambda_max": table["final_lambda_max"],
+            "h": table["final_effective_lr"],
+            "threshold_2_over_h": table["final_threshold"],
+            "deviation": table["final_deviation"],
+        }
+    ).reset_index(drop=True)
+
+
+def write_table(table: pd.DataFrame, directory: Path, name: str, caption: str) -> list[Path]:
+    """Write ``table`` as CSV, Markdown and LaTeX; return the three paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"{name}.{suffix}" for suffix in ("csv", "md", "tex")]
+    table.to_csv(paths[0], index=False)
+    paths[1].write_text(to_markdown(table) + "\n")
+    latex = table.to_latex(index=False, float_format=lambda x: f"{x:.4g}", na_rep="--", caption=caption, label=f"tab:{name}")
+    paths[2].write_text(latex)
+    return paths
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """Render a table as GitHub Markdown with 4 significant digits and '–' for missing values."""
+    if table.empty:
+        return "_no rows: no finished run has the data this table needs_"
+    cells = table.astype(object).where(table.notna(), None)
+    return cells.to_markdown(index=False, floatfmt=".4g", missingval="–")

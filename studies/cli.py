@@ -1,0 +1,161 @@
+"""The ``eos`` command: ``eos study KIND`` runs a study, ``eos report DIR`` re-renders one.
+
+Every option is validated before anything is written; an invalid value exits with
+status 2 and a message naming the value and the valid form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from dynamics.data import DATASETS, DatasetError, find_cifar10
+from dynamics.models import check_depth
+from studies.presets import PRESETS, build_study
+
+log = logging.getLogger("eos")
+
+STUDY_KINDS = tuple(PRESETS)
+
+
+def _list_of(kind: Callable[[str], object], name: str) -> Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        items = [item.strip() for item in text.split(",")]
+        if not text.strip() or any(not item for item in items):
+            raise argparse.ArgumentTypeError(f"invalid {name} list {text!r}: expected comma-separated values like 8,14,20")
+        try:
+            return tuple(kind(item) for item in items)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"invalid {name} list {text!r}: {error}") from None
+
+    return parse
+
+
+def _depth(text: str) -> int:
+    return check_depth(int(text)) * 6 + 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eos", description="Edge-of-stability studies of δ-GClip.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    study = commands.add_parser("study", help="run a study into a directory and render its report")
+    study.add_argument("kind", choices=STUDY_KINDS, help="which study to run")
+    study.add_argument("--preset", default="quick", help="named settings: quick (CPU minutes) or paper (GPU hours)")
+    study.add_argument("--out", type=Path, help="study directory (default: eos-results/KIND-PRESET)")
+    study.add_argument("--depths", type=_list_of(_depth, "depth"), help="ResNet depths 6n+2, e.g. 8,14,20")
+    study.add_argument("--widths", type=_list_of(int, "width"), help="width multipliers k >= 1, e.g. 1,2")
+    study.add_argument("--deltas", type=_list_of(float, "delta"), help="δ-GClip floors in [0, 1], e.g. 0.01,0.2,0.9")
+    study.add_argument("--methods", type=_list_of(str, "method"), help="subset of sgd,gclip,dgclip")
+    study.add_argument("--gamma", type=float, help="clipping threshold γ > 0 (gradient-norm units)")
+    study.add_argument("--lr", type=float, help="base learning rate η > 0")
+    study.add_argument("--momentum", type=float, help="heavy-ball momentum β in [0, 1)")
+    study.add_argument("--weight-decay", type=float, help="L2 weight decay >= 0")
+    study.add_argument("--epochs", type=int, help="training epochs >= 1")
+    study.add_argument("--milestones", type=_list_of(int, "milestone"), help="epochs after which η is multiplied by 0.1")
+    study.add_argument("--batch-size", type=int, help="training batch size")
+    study.add_argument("--dataset", choices=DATASETS, help="digits (embedded) or cifar10")
+    study.add_argument("--data-root", type=Path, help="folder holding cifar-10-batches-py/ (cifar10 only)")
+    study.add_argument("--download", action="store_true", help="download CIFAR-10 into --data-root when missing")
+    study.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    study.add_argument("--seed", type=int, help="seed of model init, data order and probes")
+    study.add_argument("--sharpness-every", type=int, help="measure λ_max every N epochs (0: only at the end)")
+    study.add_argument("--sharpness-batch", type=int, help="images in the fixed sharpness batch")
+    study.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+    report = commands.add_parser("report", help="re-render tables and figures of a study directory from its frames")
+    report.add_argument("directory", type=Path, help="a study directory written by `eos study`")
+    return parser
+
+
+OVERRIDES = {
+    "depths": "depths", "widths": "widths", "deltas": "deltas", "methods": "methods", "gamma": "gamma", "lr": "lr",
+    "momentum": "momentum", "weight_decay": "weight_decay", "epochs": "epochs", "milestones": "milestones",
+    "batch_size": "batch_size", "dataset": "dataset", "device": "device", "seed": "seed",
+    "sharpness_every": "sharpness_every", "sharpness_batch": "sharpness_batch",
+}
+
+
+def _prepare_study(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """Build and validate the study; every failure exits with status 2 before any write."""
+    overrides = {key: getattr(args, attr) for attr, key in OVERRIDES.items() if getattr(args, attr) is not None}
+    if args.data_root is not None:
+        overrides["data_root"] = str(args.data_root)
+    if "epochs" in overrides and "milestones" not in overrides:
+        # Keep the preset's schedule shape: the decay at the same fraction of training.
+        preset = PRESETS[args.kind].get(args.preset, {}).get("base", {})
+        old_epochs, old_milestones = preset.get("epochs"), preset.get("milestones", ())
+        if old_epochs:
+            overrides["milestones"] = tuple(
+                sorted({max(1, round(m * overrides["epochs"] / old_epochs)) for m in old_milestones})
+            ) if overrides["epochs"] > 1 else ()
+    try:
+        study = build_study(args.kind, args.preset, overrides)
+        runs = study.runs()
+        for method in study.methods:
+            if method not in ("sgd", "gclip", "dgclip"):
+                raise ValueError(f"invalid method {method!r}: expected a subset of sgd,gclip,dgclip")
+        from dynamics.trainer import select_device
+
+        select_device(study.base.device)
+    except ValueError as error:
+        parser.error(str(error))
+    if study.base.dataset == "cifar10" and not args.download:
+        root = Path(study.base.data_root or "data")
+        if find_cifar10(root) is None:
+            parser.error(
+                f"CIFAR-10 not found under {root}: pass --data-root with the folder that holds "
+                "cifar-10-batches-py/, or add --download"
+            )
+    out = args.out or Path("eos-results") / f"{args.kind}-{args.preset}"
+    if out.exists() and not out.is_dir():
+        parser.error(f"invalid --out {out}: it is a file; pass a directory path")
+    return study, runs, out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S", stream=sys.stderr,
+    )
+    if args.command == "report":
+        from reports import ReportError, render_report
+
+        try:
+            path = render_report(args.directory)
+        except ReportError as error:
+            parser.error(str(error))
+        print(path)
+        return 0
+
+    study, runs, out = _prepare_study(args, parser)
+    from studies.runner import run_study  # imports torch; after validation for a fast --help
+
+    log.info("study %s (preset %s): %d runs into %s", study.name, study.preset, len(runs), out)
+    if args.download and study.base.dataset == "cifar10":
+        from dynamics.data import load_cifar10_dataset
+
+        try:
+            load_cifar10_dataset(study.base.data_root or "data", download=True)
+        except DatasetError as error:
+            log.error("%s", error)
+            return 1
+    try:
+        run_study(study, out, progress=False if args.no_progress else None)
+    except DatasetError as error:
+        log.error("%s", error)
+        return 1
+    from reports import render_report
+
+    print(render_report(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Typed configuration of one training run and of a study (a grid of runs)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from dynamics.data import DATASETS
+from dynamics.models import check_depth
+
+METHODS = ("sgd", "gclip", "dgclip")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def format_number(value: float) -> str:
+    """Format a hyperparameter for run ids: 0.2 -> '0.2', 1e-05 -> '1e-05'."""
+    return f"{value:g}"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one training run; equal configs give equal frames (CPU).
+
+    ``method`` is ``sgd`` (the bare optimizer), ``gclip`` (δ-GClip with δ = 0) or
+    ``dgclip`` (δ-GClip with floor ``delta``). ``lr`` is η before the step schedule;
+    ``milestones`` are epochs after which η is multiplied by ``lr_factor``. The
+    sharpness probe measures λ_max every ``sharpness_every`` epochs (0: only after the
+    last) on a fixed batch of ``sharpness_batch`` training images.
+    """
+
+    study: str = "depth"
+    model: str = "resnet"
+    depth: int = 20
+    width: int = 1
+    dataset: str = "digits"
+    data_root: str | None = None
+    optimizer: str = "sgd"
+    method: str = "dgclip"
+    delta: float | None = 0.2
+    gamma: float = 0.1
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    epochs: int = 20
+    milestones: tuple[int, ...] = ()
+    lr_factor: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    sharpness_every: int = 2
+    sharpness_batch: int = 256
+    sharpness_max_iter: int = 30
+    sharpness_tol: float = 1e-2
+
+    def __post_init__(self) -> None:
+        check_depth(self.depth)
+        checks = [
+            (isinstance(self.width, int) and self.width >= 1, "width", self.width, "an integer >= 1"),
+            (self.dataset in DATASETS, "dataset", self.dataset, f"one of {list(DATASETS)}"),
+            (self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"one of {list(OPTIMIZERS)}"),
+            (self.method in METHODS, "method", self.method, f"one of {list(METHODS)}"),
+            (_positive(self.gamma), "gamma", self.gamma, "a number > 0"),
+            (_positive(self.lr), "lr", self.lr, "a number > 0"),
+            (0 <= self.momentum < 1, "momentum", self.momentum, "a number in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0"),
+            (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1"),
+            (isinstance(self.epochs, int) and self.epochs >= 1, "epochs", self.epochs, "an integer >= 1"),
+            (all(1 <= m <= self.epochs for m in self.milestones), "milestones", self.milestones, f"epochs in 1..{self.epochs}"),
+            (0 < self.lr_factor <= 1, "lr_factor", self.lr_factor, "a number in (0, 1]"),
+            (self.sharpness_every >= 0, "sharpness_every", self.sharpness_every, "an integer >= 0"),
+            (self.sharpness_batch >= 1, "sharpness_batch", self.sharpness_batch, "an integer >= 1"),
+        ]
+        if self.method == "dgclip":
+            delta_ok = self.delta is not None and 0 <= self.delta <= 1
+            checks.append((delta_ok, "delta", self.delta, "a number in [0, 1] for method 'dgclip'"))
+        elif self.delta is not None:
+            checks.append((False, "delta", self.delta, f"None for method {self.method!r}"))
+        for ok, name, value, expected in checks:
+            if not ok:
+                raise ValueError(f"invalid {name}={value!r}: expected {expected}")
+
+    @property
+    def run_id(self) -> str:
+        """Readable, unique within a study: depth, width, method, δ, step size, seed."""
+        parts = [f"d{self.depth}", f"w{self.width}", self.optimizer, self.method]
+        if self.method == "dgclip":
+            parts.append(f"delta{format_number(self.delta)}")
+        parts += [f"lr{format_number(self.lr)}", f"s{self.seed}"]
+        return "-".join(parts)
+
+    @property
+    def clip_delta(self) -> float | None:
+        """δ given to δ-GClip: 0 for GClip, None for the bare optimizer."""
+        return {"sgd": None, "gclip": 0.0}.get(self.method, self.delta)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["milestones"] = list(self.milestones)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        data = dict(data)
+        data["milestones"] = tuple(data.get("milestones", ()))
+        return cls(**data)
+
+
+def _positive(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A grid: every depth x width x method (one ``dgclip`` run per δ) x step size.
+
+    ``base`` holds the settings shared by every run.
+    """
+
+    name: str
+    base: RunConfig
+    depths: tuple[int, ...] = (20,)
+    widths: tuple[int, ...] = (1,)
+    methods: tuple[str, ...] = ("gclip", "dgclip")
+    deltas: tuple[float, ...] = (0.2,)
+    lrs: tuple[float, ...] = ()
+    preset: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def runs(self) -> list[RunConfig]:
+        """Expand the grid into run configs, in a fixed order (depth, width, lr, method, δ)."""
+        runs = []
+        for depth in self.depths:
+            for width in self.widths:
+                for lr in self.lrs or (self.base.lr,):
+                    for method in self.methods:
+                        deltas = self.deltas if method == "dgclip" else (None,)
+                        for delta in deltas:
+                            runs.append(
+                                replace(self.base, study=self.name, depth=depth, width=width, lr=lr, method=method, delta=delta)
+                            )
+        return runs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "preset": self.preset,
+            "depths": list(self.depths),
+            "widths": list(self.widths),
+            "methods": list(self.methods),
+            "deltas": list(self.deltas),
+            "lrs": list(self.lrs),
+            "base": self.base.to_dict(),
+        }

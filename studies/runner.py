@@ -1,0 +1,192 @@
+"""Build a training run from a :class:`RunConfig`, execute it and store its frames."""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import time
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from dynamics.clipping import DeltaGClip
+from dynamics.data import ImageDataset, TensorLoader, load_dataset
+from dynamics.models import build_model
+from dynamics.trainer import TrainConfig, Trainer, TrainResult, select_device
+from probes.gradients import ClipActivityProbe, GradNormProbe, UpdateMagnitudeProbe
+from probes.sharpness import SharpnessProbe
+from studies.config import RunConfig, StudyConfig
+from studies.store import RunStore
+
+log = logging.getLogger(__name__)
+
+EARLY_EPOCHS = 10  # "early RUM" is the mean RUM over the first 10 epochs
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Return the git commit of this checkout (with '+dirty'), or the package version."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        try:
+            return metadata.version("eos-dynamics")
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+
+def build_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Return the base optimizer, wrapped in δ-GClip unless the method is ``sgd``."""
+    params = model.parameters()
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    elif config.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.clip_delta is None:
+        return optimizer
+    return DeltaGClip(optimizer, gamma=config.gamma, delta=config.clip_delta)
+
+
+def sharpness_batch(dataset: ImageDataset, loader: TensorLoader, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the fixed sharpness batch: ``size`` training images chosen by ``seed``, not augmented."""
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(dataset.train_y), generator=generator)[:size].to(dataset.train_y.device)
+    return loader.prepare(dataset.train_x[index], augment=False), dataset.train_y[index]
+
+
+def build_trainer(config: RunConfig, dataset: ImageDataset, device: torch.device, progress: bool | None = None) -> Trainer:
+    """Build model, optimizer, loaders, probes and trainer for one run, seeded by ``config.seed``."""
+    torch.manual_seed(config.seed)
+    model = build_model(
+        config.model, depth=config.depth, width=config.width, in_channels=dataset.in_channels, num_classes=dataset.num_classes
+    ).to(device)
+    optimizer = build_optimizer(config, model)
+    train_loader = TensorLoader(
+        dataset.train_x, dataset.train_y, config.batch_size, shuffle=True, augment=dataset.augment,
+        mean=dataset.mean, std=dataset.std, seed=config.seed,
+    )
+    test_loader = TensorLoader(dataset.test_x, dataset.test_y, 1024, mean=dataset.mean, std=dataset.std)
+    inputs, targets = sharpness_batch(dataset, train_loader, config.sharpness_batch, config.seed + 1)
+    probes = [
+        GradNormProbe(),
+        ClipActivityProbe(),
+        UpdateMagnitudeProbe(),
+        SharpnessProbe(
+            inputs, targets,
+            every_epochs=config.sharpness_every,
+            momentum=config.momentum if config.optimizer == "sgd" else 0.0,
+            max_iter=config.sharpness_max_iter,
+            tol=config.sharpness_tol,
+            seed=config.seed + 2,
+        ),
+    ]
+    train_config = TrainConfig(epochs=config.epochs, milestones=config.milestones, lr_factor=config.lr_factor, progress=progress)
+    return Trainer(model, nn.CrossEntropyLoss(), train_loader, test_loader, optimizer, train_config, probes, device, config.run_id)
+
+
+def summarize_run(config: RunConfig, result: TrainResult, frames: dict[str, pd.DataFrame], device: torch.device) -> dict:
+    """Return the run's row of the ``runs`` frame, computed from its other frames."""
+    steps, epochs, sharpness = frames["steps"], frames["epochs"], frames["sharpness"]
+    row = {
+        "run_id": config.run_id,
+        "study": config.study,
+        "model": config.model,
+        "depth": config.depth,
+        "width": config.width,
+        "dataset": config.dataset,
+        "optimizer": config.optimizer,
+        "method": config.method,
+        "delta": np.nan if config.delta is None else config.delta,
+        "gamma": config.gamma if config.method != "sgd" else np.nan,
+        "lr": config.lr,
+        "momentum": config.momentum,
+        "weight_decay": config.weight_decay,
+        "batch_size": config.batch_size,
+        "epochs": config.epochs,
+        "seed": config.seed,
+        "status": result.status,
+        "reason": result.reason,
+    }
+    has_epochs = not epochs.empty
+    row["final_test_acc"] = epochs["test_acc"].iloc[-1] if has_epochs else np.nan
+    row["max_test_acc"] = epochs["test_acc"].max() if has_epochs else np.nan
+    row["final_test_loss"] = epochs["test_loss"].iloc[-1] if has_epochs else np.nan
+    row["final_train_loss"] = epochs["train_loss"].iloc[-1] if has_epochs else np.nan
+    row["final_grad_norm"] = steps["grad_norm"].iloc[-1] if "grad_norm" in steps else np.nan
+    row["mean_rum"] = steps["rum"].mean() if "rum" in steps else np.nan
+    early = steps[steps["epoch"] <= EARLY_EPOCHS] if "rum" in steps else steps.iloc[:0]
+    row["early_rum"] = early["rum"].mean() if "rum" in early else np.nan
+    if "delta_active_fraction" in epochs:
+        active = epochs.loc[epochs["delta_active_fraction"] > 0, "epoch"]
+        row["delta_active_epochs"] = int(len(active))
+        row["last_delta_active_epoch"] = int(active.max()) if len(active) else np.nan
+        row["delta_active_step_fraction"] = steps["delta_active"].mean()
+        row["clip_active_step_fraction"] = steps["clip_active"].mean()
+    final = sharpness[sharpness["threshold_kind"] == "2/h"].tail(1) if not sharpness.empty else sharpness
+    for column, source in (("final_lambda_max", "lambda_max"), ("final_effective_lr", "effective_lr"),
+                           ("final_threshold", "threshold"), ("final_deviation", "deviation")):
+        row[column] = final[source].iloc[0] if len(final) else np.nan
+    row["wall_time"] = result.wall_time
+    row["device"] = str(device)
+    row["torch_version"] = torch.__version__
+    row["code_version"] = code_version()
+    return row
+
+
+def execute_run(config: RunConfig, dataset: ImageDataset, store: RunStore, progress: bool | None = None) -> dict:
+    """Train one run, write its frames and status, and return its ``runs`` row."""
+    device = select_device(config.device)
+    dataset.to(device)
+    log.info("run %s: %s", config.run_id, config.to_dict())
+    trainer = build_trainer(config, dataset, device, progress)
+    result = trainer.fit()
+    frames = {name: pd.DataFrame(result.recorder.rows(name)) for name in ("steps", "epochs", "sharpness", "grad_hist")}
+    row = summarize_run(config, result, frames, device)
+    frames["runs"] = pd.DataFrame([row])
+    store.write_run(
+        config.run_id, config.to_dict(), frames,
+        {"status": result.status, "reason": result.reason, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+    )
+    return row
+
+
+def run_study(study: StudyConfig, out: str | Path, progress: bool | None = None) -> RunStore:
+    """Run every run of ``study`` into ``out``, skipping runs already finished with the same config."""
+    store = RunStore(out)
+    runs = study.runs()
+    store.write_study(study.to_dict())
+    datasets: dict[tuple, ImageDataset] = {}
+    for index, config in enumerate(runs, 1):
+        if store.finished(config.run_id, config.to_dict()):
+            log.info("[%d/%d] %s already finished, skipped", index, len(runs), config.run_id)
+            continue
+        key = (config.dataset, config.data_root)
+        if key not in datasets:
+            datasets[key] = load_dataset(config.dataset, config.data_root)
+        log.info("[%d/%d] %s", index, len(runs), config.run_id)
+        row = execute_run(config, datasets[key], store, progress)
+        log.info(
+            "[%d/%d] %s %s: final test acc %.4f, final λ_max %.4g vs 2/h %.4g, %.1f s",
+            index, len(runs), config.run_id, row["status"], row["final_test_acc"],
+            row["final_lambda_max"], row["final_threshold"], row["wall_time"],
+        )
+        if not math.isfinite(row["final_test_acc"]) and row["status"] == "completed":
+            log.warning("%s completed without a test accuracy", config.run_id)
+    store.collect()
+    return store

@@ -1,0 +1,108 @@
+"""The run store: one directory per study, one sub-directory per run.
+
+Layout::
+
+    STUDY/
+      study.json                  the study's grid and shared settings
+      runs/RUN_ID/config.json     the run's full config
+      runs/RUN_ID/FRAME.parquet   runs, steps, epochs, sharpness, grad_hist
+      runs/RUN_ID/status.json     written last; marks the run as finished
+      frames/FRAME.parquet        every run's rows of FRAME, concatenated
+      tables/, figures/, report.md (written by ``reports``)
+
+Every file is written to a temporary name and renamed into place, so a reader never
+sees a truncated file. A run counts as done only once ``status.json`` exists, and
+only for the same config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+FRAMES = ("runs", "steps", "epochs", "sharpness", "grad_hist")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    try:
+        frame.to_parquet(temporary, index=False)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class RunStore:
+    """Read and write the runs of one study directory."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id
+
+    def finished(self, run_id: str, config: dict[str, Any]) -> bool:
+        """Whether ``run_id`` finished (completed or diverged) with exactly ``config``."""
+        status_path = self.run_dir(run_id) / "status.json"
+        config_path = self.run_dir(run_id) / "config.json"
+        if not status_path.is_file() or not config_path.is_file():
+            return False
+        return json.loads(config_path.read_text()) == json.loads(json.dumps(config, default=str))
+
+    def write_study(self, study: dict[str, Any]) -> None:
+        atomic_write_json(self.root / "study.json", study)
+
+    def write_run(self, run_id: str, config: dict[str, Any], frames: dict[str, pd.DataFrame], status: dict) -> None:
+        """Write a run's config and frames, then its status file last."""
+        directory = self.run_dir(run_id)
+        (directory / "status.json").unlink(missing_ok=True)
+        atomic_write_json(directory / "config.json", config)
+        for name, frame in frames.items():
+            atomic_write_parquet(directory / f"{name}.parquet", frame)
+        atomic_write_json(directory / "status.json", status)
+
+    def run_ids(self) -> list[str]:
+        runs = self.root / "runs"
+        if not runs.is_dir():
+            return []
+        return sorted(p.name for p in runs.iterdir() if (p / "status.json").is_file())
+
+    def collect(self) -> dict[str, pd.DataFrame]:
+        """Concatenate every finished run's frames into ``frames/`` and return them."""
+        frames = {}
+        for name in FRAMES:
+            parts = [
+                pd.read_parquet(path)
+                for run_id in self.run_ids()
+                if (path := self.run_dir(run_id) / f"{name}.parquet").is_file()
+            ]
+            parts = [part for part in parts if not part.empty]
+            frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+            atomic_write_parquet(self.root / "frames" / f"{name}.parquet", frame)
+            frames[name] = frame
+        return frames
