@@ -88,6 +88,8 @@ class SharpnessProbe(Callback):
         self.generator = torch.Generator().manual_seed(seed)
         self.previous: torch.Tensor | None = None
         self.last: EigenEstimate | None = None
+        self.estimates = 0
+        self.unconverged = 0
 
     def measure(self, model: nn.Module, loss_fn: nn.Module) -> EigenEstimate:
         """Estimate λ_max now, leaving the model as it was."""
@@ -103,9 +105,19 @@ class SharpnessProbe(Callback):
                 start=self.previous,
                 generator=self.generator,
                 chunk_size=self.chunk_size,
+                warn=False,
             )
         self.previous = estimate.vector
         self.last = estimate
+        self.estimates += 1
+        if not estimate.converged:
+            self.unconverged += 1
+            if self.unconverged == 1:
+                log.warning(
+                    "λ_max estimate %.6g did not converge in %d Hessian-vector products (residual %.3g, "
+                    "tolerance %g·|λ|); the sharpness frame marks it converged=False. Raise max_iter to trust it",
+                    estimate.lambda_max, estimate.hvp_count, estimate.residual, self.tol,
+                )
         return estimate
 
     def _record(self, state: TrainState) -> None:
@@ -142,3 +154,7 @@ class SharpnessProbe(Callback):
         if due or state.epoch == state.epochs:
             self._record(state)
             state.epoch_row["lambda_max"] = self.last.lambda_max
+
+    def on_train_end(self, state: TrainState) -> None:
+        if self.unconverged:
+            log.warning("%s: %d of %d λ_max estimates did not converge", state.run_id, self.unconverged, self.estimates)

@@ -40,7 +40,6 @@ def _depth(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eos", description="Edge-of-stability studies of δ-GClip.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     commands = parser.add_subparsers(dest="command", required=True)
 
     study = commands.add_parser("study", help="run a study into a directory and render its report")
@@ -66,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--sharpness-every", type=int, help="measure λ_max every N epochs (0: only at the end)")
     study.add_argument("--sharpness-batch", type=int, help="images in the fixed sharpness batch")
     study.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    study.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
 
     report = commands.add_parser("report", help="re-render tables and figures of a study directory from its frames")
     report.add_argument("directory", type=Path, help="a study directory written by `eos study`")
+    report.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     return parser
 
 

@@ -1,0 +1,60 @@
+"""Reports: δ* selection, log-axis masking, and independence from torch."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+
+from reports.figures import eos_deviation_figure, log_mask
+from reports.tables import delta_star_table, runs_table, to_markdown
+
+
+def _runs(rows):
+    columns = ["run_id", "depth", "width", "method", "delta", "status", "final_test_acc", "final_test_loss"]
+    frame = pd.DataFrame(rows, columns=columns)
+    for column in ("max_test_acc", "final_train_loss", "final_grad_norm", "mean_rum", "early_rum"):
+        frame[column] = 0.0
+    return frame
+
+
+def test_delta_star_breaks_ties_by_lower_test_loss():
+    runs = _runs([
+        ("a", 8, 1, "dgclip", 0.2, "completed", 0.91, 0.30),
+        ("b", 8, 1, "dgclip", 0.45, "completed", 0.91, 0.28),
+        ("c", 8, 1, "dgclip", 0.9, "diverged", 0.99, 0.01),  # diverged runs never win
+        ("d", 8, 1, "gclip", np.nan, "completed", 0.89, 0.37),
+        ("e", 20, 1, "dgclip", 0.2, "completed", 0.93, 0.25),
+    ])
+    table = delta_star_table(runs)
+    assert table["delta_star"].tolist() == [0.45, 0.2]
+    assert table.loc[0, "gclip_test_acc"] == 0.89
+    assert np.isnan(table.loc[1, "gclip_test_acc"])
+    marked = runs_table(runs)
+    assert marked.loc[marked["delta_star"], "delta"].tolist() == [0.45, 0.2]
+
+
+def test_log_mask_counts_nonpositive_and_nonfinite():
+    masked, count = log_mask(pd.Series([1.0, 0.0, -2.0, np.inf, np.nan, 3.0]))
+    assert count == 4
+    assert masked[0] == 1.0 and masked[5] == 3.0 and np.isnan(masked[1:5]).all()
+
+
+def test_figure_says_how_many_values_were_masked():
+    runs = _runs([("a", 8, 1, "dgclip", 0.2, "completed", 0.9, 0.3)])
+    sharpness = pd.DataFrame({
+        "run_id": ["a"] * 3, "epoch": [1, 2, 3], "threshold_kind": ["2/h"] * 3, "deviation": [1.0, 0.0, np.nan],
+    })
+    fig = eos_deviation_figure(sharpness, runs)
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert "2 non-positive or non-finite masked" in texts
+
+
+def test_markdown_shows_missing_values_as_dash():
+    assert "–" in to_markdown(pd.DataFrame({"a": [1.0, np.nan]}))
+
+
+def test_reports_never_import_torch():
+    code = "import sys, reports, reports.figures, reports.tables; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -1,0 +1,132 @@
+"""`eos study depth` and `eos report` end to end on a tiny configuration."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from studies.cli import main
+from studies.config import RunConfig
+from studies.presets import build_study
+
+TINY = ["--depths", "8", "--deltas", "0.01,0.9", "--methods", "sgd,gclip,dgclip", "--epochs", "2",
+        "--sharpness-batch", "32", "--sharpness-every", "1", "--batch-size", "256", "--no-progress", "-q"]
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "depth"
+    assert main(["study", "depth", *TINY[:-1], "--out", str(out)]) == 0
+    return out
+
+
+def test_study_writes_every_frame(study_dir):
+    for name, columns in {
+        "runs": ["run_id", "depth", "method", "delta", "status", "final_test_acc", "mean_rum", "delta_active_epochs",
+                 "last_delta_active_epoch", "final_lambda_max", "torch_version", "code_version", "device"],
+        "steps": ["run_id", "epoch", "step", "loss", "grad_norm", "clip_factor", "effective_lr", "delta_active", "rum",
+                  "relative_update", "param_norm"],
+        "epochs": ["run_id", "epoch", "train_loss", "test_acc", "delta_active_fraction", "mean_grad_norm", "mean_rum"],
+        "sharpness": ["run_id", "epoch", "step", "lambda_max", "threshold_kind", "threshold", "deviation", "hvp_count",
+                      "converged", "residual", "batch_size"],
+        "grad_hist": ["run_id", "epoch", "bin_left", "bin_right", "count"],
+    }.items():
+        frame = pd.read_parquet(study_dir / "frames" / f"{name}.parquet")
+        assert not frame.empty, name
+        assert set(columns) <= set(frame.columns), (name, set(columns) - set(frame.columns))
+    runs = pd.read_parquet(study_dir / "frames" / "runs.parquet")
+    assert sorted(runs["method"]) == ["dgclip", "dgclip", "gclip", "sgd"]
+    assert (runs["status"] == "completed").all()
+    sharpness = pd.read_parquet(study_dir / "frames" / "sharpness.parquet")
+    assert set(sharpness["threshold_kind"]) == {"2/h", "(2+2β)/h"}
+    assert (sharpness["batch_size"] == 32).all()
+
+
+def test_study_writes_tables_figures_and_report(study_dir):
+    for name in ("delta_star", "runs", "sharpness"):
+        for suffix in ("csv", "md", "tex"):
+            assert (study_dir / "tables" / f"{name}.{suffix}").stat().st_size > 0
+    for name in ("eos_deviation", "effective_lr", "lambda_vs_threshold", "accuracy_vs_delta"):
+        for suffix in ("png", "pdf"):
+            assert (study_dir / "figures" / f"{name}.{suffix}").stat().st_size > 1000
+    report = (study_dir / "report.md").read_text()
+    assert report.count("![") == 4
+    assert "## Table `delta_star`" in report
+
+
+def test_report_reproduces_tables(study_dir):
+    before = {p.name: p.read_text() for p in (study_dir / "tables").iterdir()}
+    for path in (study_dir / "tables").iterdir():
+        path.unlink()
+    assert main(["report", str(study_dir)]) == 0
+    after = {p.name: p.read_text() for p in (study_dir / "tables").iterdir()}
+    assert after == before
+
+
+def test_rerun_skips_finished_runs(study_dir, caplog):
+    status = study_dir / "runs" / "d8-w1-sgd-gclip-lr0.1-s0" / "status.json"
+    stamp = status.stat().st_mtime_ns
+    assert main(["study", "depth", *TINY, "--out", str(study_dir)]) == 0
+    assert status.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--depths", "8,10", "6n+2"),
+        ("--deltas", "0.2,1.5", "delta=1.5"),
+        ("--gamma", "0", "gamma=0.0"),
+        ("--lr", "-1", "lr=-1.0"),
+        ("--epochs", "0", "epochs=0"),
+        ("--preset", "huge", "unknown preset 'huge'"),
+        ("--depths", "8,,14", "invalid depth list"),
+        ("--device", "tpu", "tpu"),
+    ],
+)
+def test_invalid_option_exits_2_and_writes_nothing(tmp_path, capsys, option, value, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", "depth", option, value, "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_cifar_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", "depth", "--dataset", "cifar10", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "CIFAR-10 not found" in capsys.readouterr().err
+
+
+def test_report_on_empty_directory_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "no runs to report" in capsys.readouterr().err
+
+
+def test_presets_match_the_protocol():
+    paper = build_study("depth", "paper")
+    assert paper.depths == (8, 20, 32, 44, 50)
+    assert paper.deltas == (0.01, 0.03, 0.08, 0.2, 0.45, 0.9)
+    assert (paper.base.epochs, paper.base.batch_size, paper.base.lr, paper.base.milestones) == (100, 128, 0.1, (80,))
+    assert (paper.base.weight_decay, paper.base.gamma, paper.base.dataset) == (5e-4, 0.1, "cifar10")
+    assert len(paper.runs()) == 5 * 7
+    quick = build_study("depth", "quick")
+    assert quick.depths == (8, 14, 20) and quick.deltas == (0.01, 0.2, 0.9)
+    assert set(quick.methods) == {"sgd", "gclip", "dgclip"} and quick.base.dataset == "digits"
+
+
+def test_run_config_round_trips_through_json():
+    config = RunConfig(depth=14, method="gclip", delta=None, milestones=(3,), epochs=4)
+    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert config.run_id == "d14-w1-sgd-gclip-lr0.1-s0"
+
+
+def test_console_script_help():
+    result = subprocess.run([sys.executable, "-m", "studies.cli", "study", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "--deltas" in result.stdout
