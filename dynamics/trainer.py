@@ -76,7 +76,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What :meth:`Trainer.fit` returns: the recorded frames and how the run ended."""
+    """Result of :meth:`Trainer.fit`: the recorded frames and how the run ended."""
 
     recorder: Recorder
     status: str  # "completed" or "diverged"

@@ -23,8 +23,8 @@ def preserved_model_state(model: nn.Module) -> Iterator[None]:
     """Restore every module's train/eval flag, every buffer and the global RNG on exit.
 
     Forward passes in train mode update BatchNorm running statistics, and dropout
-    draws from the global generator; both are undone here, so a probe that runs
-    inside this block leaves the training run as it found it.
+    draws from the global generator. This block undoes both, so a probe that runs
+    inside it leaves the training run as it found it.
     """
     modes = {module: module.training for module in model.modules()}
     buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]

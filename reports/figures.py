@@ -2,7 +2,7 @@
 
 Figures are sized for a two-column paper (6.75 in text width, 8 pt type) and use
 seaborn's colour-blind palette. On log axes, non-positive and non-finite values are
-masked and each panel says how many were.
+masked, and each panel notes how many were.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ FRAME_NAMES = ("runs", "steps", "epochs", "sharpness", "grad_hist")
 
 
 class ReportError(RuntimeError):
-    """A study directory holds no frames to report on."""
+    """A study directory contains no frames to report on."""
 
 
 def read_frames(directory: Path) -> dict[str, pd.DataFrame]:

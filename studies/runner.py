@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import subprocess
 import time
 from functools import lru_cache
@@ -186,7 +185,5 @@ def run_study(study: StudyConfig, out: str | Path, progress: bool | None = None)
             index, len(runs), config.run_id, row["status"], row["final_test_acc"],
             row["final_lambda_max"], row["final_threshold"], row["wall_time"],
         )
-        if not math.isfinite(row["final_test_acc"]) and row["status"] == "completed":
-            log.warning("%s completed without a test accuracy", config.run_id)
     store.collect()
     return store

@@ -161,7 +161,8 @@ def test_state_dict_round_trip_continues_identically():
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)
     clone_opt.load_state_dict(torch.load(buffer, weights_only=True))
-    assert clone_opt.steps == 3 and clone_opt.last == opt.last
+    assert clone_opt.steps == 3
+    assert clone_opt.last == opt.last
     for _ in range(2):
         train_step(model, opt)
         train_step(clone, clone_opt)
@@ -179,4 +180,5 @@ def test_warmup_stops_clipping_after_its_epochs():
     warmup.set_epoch(2)
     m = opt.measure()
     assert m.clip_factor == 1.0
-    assert not m.clip_active and not m.delta_active
+    assert not m.clip_active
+    assert not m.delta_active

@@ -29,7 +29,8 @@ def tiny_cifar(tmp_path):
 
 def test_tiny_cifar_archive_loads(tiny_cifar):
     dataset = load_cifar10_dataset(tiny_cifar)
-    assert dataset.train_x.shape == (20, 3, 32, 32) and dataset.train_x.dtype == torch.uint8
+    assert dataset.train_x.shape == (20, 3, 32, 32)
+    assert dataset.train_x.dtype == torch.uint8
     assert dataset.test_x.shape == (10, 3, 32, 32)
     assert dataset.train_y.tolist() == [i % 10 for i in range(20)]
     assert dataset.augment and dataset.num_classes == 10
@@ -75,7 +76,8 @@ def test_digits_split_is_fixed_and_stratified():
     assert torch.equal(first.train_x, second.train_x)
     assert len(first.train_y) + len(first.test_y) == 1797
     counts = torch.bincount(first.test_y, minlength=10)
-    assert counts.min() >= 35 and counts.max() <= 37
+    assert counts.min() >= 35
+    assert counts.max() <= 37
     assert abs(first.train_x.mean().item()) < 1e-5
     assert first.train_x.std().item() == pytest.approx(1.0, rel=1e-3)
 

@@ -1,4 +1,4 @@
-"""λ_max estimates against exact answers (eigvalsh of the full Hessian) and against pyhessian."""
+"""λ_max estimates against exact values (eigvalsh of the full Hessian) and against pyhessian."""
 
 import warnings
 

@@ -37,7 +37,9 @@ def test_delta_star_breaks_ties_by_lower_test_loss():
 def test_log_mask_counts_nonpositive_and_nonfinite():
     masked, count = log_mask(pd.Series([1.0, 0.0, -2.0, np.inf, np.nan, 3.0]))
     assert count == 4
-    assert masked[0] == 1.0 and masked[5] == 3.0 and np.isnan(masked[1:5]).all()
+    assert masked[0] == 1.0
+    assert masked[5] == 3.0
+    assert np.isnan(masked[1:5]).all()
 
 
 def test_figure_says_how_many_values_were_masked():

@@ -116,8 +116,10 @@ def test_presets_match_the_protocol():
     assert (paper.base.weight_decay, paper.base.gamma, paper.base.dataset) == (5e-4, 0.1, "cifar10")
     assert len(paper.runs()) == 5 * 7
     quick = build_study("depth", "quick")
-    assert quick.depths == (8, 14, 20) and quick.deltas == (0.01, 0.2, 0.9)
-    assert set(quick.methods) == {"sgd", "gclip", "dgclip"} and quick.base.dataset == "digits"
+    assert quick.depths == (8, 14, 20)
+    assert quick.deltas == (0.01, 0.2, 0.9)
+    assert set(quick.methods) == {"sgd", "gclip", "dgclip"}
+    assert quick.base.dataset == "digits"
 
 
 def test_run_config_round_trips_through_json():

@@ -86,7 +86,9 @@ def test_epoch_line_has_units(caplog):
            "delta_active_fraction": 0.25, "epoch_time": 1.5}
     line = format_epoch_line(row, 10, 12.0)
     assert line.startswith("epoch    3/10")
-    assert "acc  90.00%" in line and "δ-active  25.0%" in line and "s/epoch" in line
+    assert "acc  90.00%" in line
+    assert "δ-active  25.0%" in line
+    assert "s/epoch" in line
 
 
 def test_select_device():
