@@ -1,38 +1,82 @@
-"""Hessian-vector products of a training loss, and the Lanczos estimate of λ_max.
+"""Hessian-vector products of a training loss, and eigenvalue estimators built on them.
 
 Conventions a reader could get wrong:
 
 - The loss is the training loss with the same reduction as training (the mean over
   the batch). A batch split into chunks is weighted by chunk size, so the product is
   the one of the whole batch.
-- λ_max is the largest *algebraic* eigenvalue, not the largest in magnitude: Lanczos
-  finds both ends of the spectrum, and the top Ritz value is reported even when the
-  most negative eigenvalue is larger in magnitude (power iteration would return that
-  one instead).
-- Products come from double backward through ``torch.autograd.grad``, which never
-  writes ``.grad``.
+- λ_max is the largest *algebraic* eigenvalue, not the largest in magnitude. Lanczos
+  finds both ends of the spectrum and reports the top one; power iteration is shifted
+  when the dominant eigenvalue is negative or does not converge.
+- Neither product path writes ``.grad``: both use ``torch.autograd.grad`` or
+  ``torch.func`` transforms.
+- BatchNorm in train mode uses batch statistics and, during a product, does not
+  update its running buffers (``track_running_stats`` is switched off for the solve).
+  Dropout is disabled during a solve, so every product sees the same function.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 import warnings
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
+
+HVP_METHODS = ("auto", "double_backward", "forward_over_reverse")
+Operator = Callable[[torch.Tensor], torch.Tensor]
+
+
+class HessianUnsupportedError(RuntimeError):
+    """The model has an operation without a second derivative in the requested path."""
+
+
+@contextmanager
+def solve_mode(model: nn.Module) -> Iterator[dict[str, str]]:
+    """Freeze BatchNorm buffers and disable dropout for the duration of a solve.
+
+    Yields a record of what was done (``dropout``: disabled or absent). Module flags
+    are restored on exit.
+    """
+    changed: list[tuple[nn.Module, str, bool]] = []
+    record = {"dropout": "absent"}
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats:
+            changed.append((module, "track_running_stats", True))
+            module.track_running_stats = False
+        elif isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+            changed.append((module, "training", True))
+            module.training = False
+            record["dropout"] = "disabled"
+    try:
+        yield record
+    finally:
+        for module, attribute, value in changed:
+            setattr(module, attribute, value)
 
 
 class HessianOperator:
     """The map v ↦ H v for ``loss_fn(model(inputs), targets)`` at the current parameters.
 
-    Vectors are flat float64 tensors over ``params`` in order. With one chunk the
-    gradient graph is built once and reused by every product; with several chunks
-    (``chunk_size`` smaller than the batch) each product recomputes the graph chunk
-    by chunk, so memory holds one chunk's graph at a time.
+    Vectors are flat float64 tensors over ``params`` in order. Two paths compute it:
 
-    The model is used in whatever mode it is in; callers choose and restore it.
+    - ``double_backward``: ∇(∇L·v) by ``torch.autograd.grad`` twice. With one chunk
+      the gradient graph is built once and reused by every product.
+    - ``forward_over_reverse``: ``torch.func.jvp`` of ``torch.func.grad``; each product
+      runs one forward and one backward with dual numbers, and keeps no graph.
+
+    ``auto`` times one product of each on the first call and keeps the faster path
+    that works; a path that fails is logged with its reason. With several chunks
+    (``chunk_size`` smaller than the batch) each product walks the chunks, so memory
+    holds one chunk's graph at a time. The model is used in its current mode; wrap
+    the calls in :func:`solve_mode` (the estimators here do).
     """
 
     def __init__(
@@ -43,19 +87,33 @@ class HessianOperator:
         targets: torch.Tensor,
         params: Sequence[torch.Tensor] | None = None,
         chunk_size: int | None = None,
+        method: str = "auto",
     ) -> None:
+        if method not in HVP_METHODS:
+            raise ValueError(f"invalid hvp method={method!r}: expected one of {HVP_METHODS}")
         self.model = model
         self.loss_fn = loss_fn
-        self.params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if params is not None:
+            wanted = {id(p) for p in params}
+            named = [(name, p) for name, p in named if id(p) in wanted]
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
         self.dim = sum(p.numel() for p in self.params)
         self.batch_size = len(targets)
         chunk_size = chunk_size or self.batch_size
+        if chunk_size < 1:
+            raise ValueError(f"invalid chunk_size={chunk_size}: expected an integer >= 1")
         self.chunks = [
             (inputs[start : start + chunk_size], targets[start : start + chunk_size])
             for start in range(0, self.batch_size, chunk_size)
         ]
+        self.method = method
+        self.fallback_reason = ""
         self.products = 0
         self._grads: tuple[torch.Tensor, ...] | None = None
+
+    # -- the two paths ---------------------------------------------------------------
 
     def _chunk_grads(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
         weight = len(targets) / self.batch_size
@@ -66,33 +124,134 @@ class HessianOperator:
         pieces = torch.split(vector, [p.numel() for p in self.params])
         return [piece.view_as(p).to(p.dtype) for piece, p in zip(pieces, self.params)]
 
-    def __call__(self, vector: torch.Tensor) -> torch.Tensor:
-        self.products += 1
-        tangents = self._split(vector)
+    @staticmethod
+    def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors]).to(torch.float64)
+
+    def _double_backward(self, tangents: list[torch.Tensor]) -> torch.Tensor:
         if len(self.chunks) == 1:
             if self._grads is None:
                 self._grads = self._chunk_grads(*self.chunks[0])
-            products = torch.autograd.grad(self._grads, self.params, tangents, retain_graph=True)
-            return torch.cat([h.reshape(-1) for h in products]).to(torch.float64)
-        total = torch.zeros(self.dim, dtype=torch.float64, device=vector.device)
+            return self._flat(torch.autograd.grad(self._grads, self.params, tangents, retain_graph=True))
+        total = None
         for inputs, targets in self.chunks:
             grads = self._chunk_grads(inputs, targets)
-            products = torch.autograd.grad(grads, self.params, tangents)
-            total += torch.cat([h.reshape(-1) for h in products]).to(torch.float64)
+            part = self._flat(torch.autograd.grad(grads, self.params, tangents))
+            total = part if total is None else total + part
         return total
+
+    def _forward_over_reverse(self, tangents: list[torch.Tensor]) -> torch.Tensor:
+        from torch.func import functional_call, grad, jvp
+
+        def chunk_loss(params: tuple[torch.Tensor, ...], inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            outputs = functional_call(self.model, dict(zip(self.names, params)), (inputs,))
+            return self.loss_fn(outputs, targets) * (len(targets) / self.batch_size)
+
+        primals = tuple(p.detach() for p in self.params)
+        total = None
+        for inputs, targets in self.chunks:
+            gradient = grad(lambda params: chunk_loss(params, inputs, targets))
+            _, product = jvp(gradient, (primals,), (tuple(tangents),))
+            part = self._flat(product)
+            total = part if total is None else total + part
+        return total
+
+    def _run(self, method: str, tangents: list[torch.Tensor]) -> torch.Tensor:
+        if method == "double_backward":
+            return self._double_backward(tangents)
+        return self._forward_over_reverse(tangents)
+
+    def _choose(self, tangents: list[torch.Tensor]) -> torch.Tensor:
+        """Time one product on each path, keep the faster that works, return its product."""
+        results: dict[str, tuple[float, torch.Tensor]] = {}
+        errors: dict[str, str] = {}
+        for method in ("forward_over_reverse", "double_backward"):
+            try:
+                if method == "double_backward" and len(self.chunks) == 1:
+                    self._run(method, tangents)  # builds the cached graph; later products reuse it
+                started = time.perf_counter()
+                product = self._run(method, tangents)
+                product.sum().item()  # host sync, so the time covers the device work
+            except (RuntimeError, NotImplementedError) as error:
+                errors[method] = f"{type(error).__name__}: {error}".splitlines()[0]
+                continue
+            results[method] = (time.perf_counter() - started, product)
+        if not results:
+            raise HessianUnsupportedError(" / ".join(f"{m}: {e}" for m, e in errors.items()))
+        self.method = min(results, key=lambda m: results[m][0])
+        if errors:
+            self.fallback_reason = "; ".join(f"{m} failed ({e})" for m, e in errors.items())
+            log.warning("Hessian-vector products use %s because %s", self.method, self.fallback_reason)
+        return results[self.method][1]
+
+    def __call__(self, vector: torch.Tensor) -> torch.Tensor:
+        self.products += 1
+        tangents = self._split(vector)
+        if self.method == "auto":
+            return self._choose(tangents)
+        try:
+            return self._run(self.method, tangents)
+        except (RuntimeError, NotImplementedError) as error:
+            raise HessianUnsupportedError(describe_unsupported(self.model, self.chunks[0][0], self.method, error)) from error
 
     def release(self) -> None:
         """Drop the cached gradient graph."""
         self._grads = None
 
 
+def describe_unsupported(model: nn.Module, inputs: torch.Tensor, method: str, error: Exception) -> str:
+    """Name the first leaf module whose output has no second derivative, and the way out.
+
+    Runs the model once with forward hooks and tries double backward through each
+    leaf module on its own; only called after a product has failed.
+    """
+    records: list[tuple[str, nn.Module, tuple, object]] = []
+    names = {module: name for name, module in model.named_modules()}
+
+    def hook(module: nn.Module, args: tuple, output: object) -> None:
+        if not list(module.children()):
+            records.append((names.get(module, "?"), module, args, output))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    culprit = None
+    try:
+        with torch.enable_grad():
+            model(inputs[:2])
+        for name, module, args, output in records:
+            if not isinstance(output, torch.Tensor) or not output.requires_grad:
+                continue
+            sources = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            sources += [p for p in module.parameters(recurse=False) if p.requires_grad]
+            try:
+                first = torch.autograd.grad(output.square().sum(), sources, create_graph=True, allow_unused=True)
+                second = sum(g.sum() for g in first if g is not None and g.requires_grad)
+                if isinstance(second, torch.Tensor):
+                    torch.autograd.grad(second, sources, allow_unused=True)
+            except RuntimeError:
+                culprit = f"module {name!r} ({type(module).__name__})"
+                break
+    except RuntimeError:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    where = culprit or "an operation outside the model's leaf modules (the loss, or a functional call)"
+    return (
+        f"{where} has no second derivative for the {method} Hessian-vector product ({error}). "
+        "Replace it with a twice-differentiable implementation (for attention, "
+        "torch.nn.attention.sdpa_kernel(SDPBackend.MATH)), try the other hvp method, or switch the "
+        "sharpness probe off for this model"
+    )
+
+
 @dataclass
 class EigenEstimate:
     """λ_max with what it cost and how far to trust it.
 
-    ``residual`` is ‖H v − λ v‖ for the returned unit vector v (the Lanczos Ritz
-    residual β_k·|s_k|, which equals the true residual in exact arithmetic);
-    ``lambda_2`` is the second Ritz value, so λ1/λ2 near 1 warns of a small gap.
+    ``residual`` is ‖H v − λ v‖ for the returned unit vector v (Lanczos: the Ritz
+    residual β_k·|s_k|, equal to the true residual in exact arithmetic); ``lambda_2``
+    is the second Ritz value, so λ1/λ2 near 1 warns of a small spectral gap.
+    ``eigenvalues`` lists the top-k estimates in decreasing order when k > 1.
     """
 
     lambda_max: float
@@ -101,31 +260,41 @@ class EigenEstimate:
     residual: float
     converged: bool
     lambda_2: float = math.nan
+    eigenvalues: list[float] = field(default_factory=list)
+    method: str = ""
+
+    @property
+    def gap_ratio(self) -> float:
+        """λ1/λ2, the usual warning sign for a slowly converging estimate when near 1."""
+        return self.lambda_max / self.lambda_2 if self.lambda_2 not in (0.0,) and math.isfinite(self.lambda_2) else math.nan
 
 
-def lanczos_top_eigen(
-    operator: Callable[[torch.Tensor], torch.Tensor],
+def _random_start(dim: int, generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
+    return torch.randn(dim, generator=generator, dtype=torch.float64).to(device)
+
+
+def lanczos(
+    operator: Operator,
     dim: int,
+    k: int = 1,
     max_iter: int = 50,
     tol: float = 1e-3,
     start: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> EigenEstimate:
-    """Estimate the largest algebraic eigenvalue of a symmetric operator by Lanczos.
+    """Estimate the k largest algebraic eigenvalues of a symmetric operator by Lanczos.
 
     Every new Lanczos vector is reorthogonalized against all previous ones (twice),
     so no spurious copies of converged eigenvalues appear. The iteration stops when
-    the Ritz residual of the top Ritz pair is at most ``tol``·|λ|, or after
-    ``max_iter`` products; ``converged`` says which. ``start`` (for example the
-    previous estimate's eigenvector) seeds the Krylov space; without it a Gaussian
-    vector is drawn from ``generator``.
+    each of the top k Ritz pairs has residual at most ``tol``·|θ|, when the Krylov
+    space becomes invariant, or after ``max_iter`` products; ``converged`` says which.
+    ``start`` (for example the previous estimate's eigenvector) seeds the Krylov
+    space; without it a Gaussian vector is drawn from ``generator``.
     """
-    if max_iter < 1:
-        raise ValueError(f"invalid max_iter={max_iter}: expected an integer >= 1")
-    if start is None:
-        start = torch.randn(dim, generator=generator, dtype=torch.float64).to(device)
-    q = start.to(device=device, dtype=torch.float64)
+    if max_iter < 1 or k < 1:
+        raise ValueError(f"invalid max_iter={max_iter} or k={k}: expected integers >= 1")
+    q = (start if start is not None else _random_start(dim, generator, device)).to(device=device, dtype=torch.float64)
     norm = q.norm()
     if not torch.isfinite(norm) or norm == 0:
         raise ValueError("the start vector of Lanczos must be finite and non-zero")
@@ -134,7 +303,7 @@ def lanczos_top_eigen(
     basis[0] = q / norm
     alphas: list[float] = []
     betas: list[float] = []
-    theta, ritz, residual, converged = math.nan, None, math.inf, False
+    converged = False
     for j in range(steps):
         w = operator(basis[j])
         alpha = torch.dot(basis[j], w)
@@ -150,21 +319,102 @@ def lanczos_top_eigen(
         if betas:
             off = torch.tensor(betas, dtype=torch.float64)
             tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
-        values, vectors = torch.linalg.eigh(tridiagonal)
-        theta, ritz = values[-1].item(), vectors[:, -1]
-        lambda_2 = values[-2].item() if len(values) > 1 else math.nan
-        residual = beta * abs(ritz[-1].item())
-        scale = max(abs(theta), torch.finfo(torch.float64).tiny)
-        if residual <= tol * scale or beta <= 1e-10 * scale or j + 1 == dim:
+        values, vectors = torch.linalg.eigh(tridiagonal)  # ascending
+        top = min(k, len(alphas))
+        residuals = beta * vectors[-1, -top:].abs()
+        scale = values[-top:].abs().clamp_min(torch.finfo(torch.float64).tiny)
+        invariant = beta <= 1e-10 * max(values.abs().max().item(), 1e-300)
+        if (len(alphas) >= k and bool((residuals <= tol * scale).all())) or invariant or j + 1 == dim:
             converged = True
             break
         if j + 1 < steps:
             basis[j + 1] = w / beta
             betas.append(beta)
+
     used = len(alphas)
-    vector = basis[:used].T @ ritz.to(device)
+    ritz = vectors[:, -1].to(device)
+    vector = basis[:used].T @ ritz
     vector = vector / vector.norm()
-    return EigenEstimate(theta, vector, used, residual, converged, lambda_2)
+    top_values = values.flip(0)[:k].tolist()
+    return EigenEstimate(
+        lambda_max=values[-1].item(),
+        vector=vector,
+        hvp_count=used,
+        residual=beta * abs(vectors[-1, -1].item()),
+        converged=converged,
+        lambda_2=values[-2].item() if used > 1 else math.nan,
+        eigenvalues=top_values,
+        method="lanczos",
+    )
+
+
+def lanczos_top_eigen(operator: Operator, dim: int, max_iter: int = 50, tol: float = 1e-3,
+                      start: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                      device: torch.device | str = "cpu") -> EigenEstimate:
+    """Estimate the largest algebraic eigenvalue by Lanczos (:func:`lanczos` with k = 1)."""
+    return lanczos(operator, dim, 1, max_iter, tol, start, generator, device)
+
+
+def _power(operator: Operator, start: torch.Tensor, shift: float, max_iter: int, tol: float) -> tuple[float, torch.Tensor, int, float, bool, float]:
+    """Power iteration on H + shift·I; return (θ of H, v, products, residual, converged, max ‖Hv‖)."""
+    v = start / start.norm()
+    theta, residual, spectral = math.nan, math.inf, 0.0
+    for used in range(1, max_iter + 1):
+        hv = operator(v)
+        spectral = max(spectral, hv.norm().item())
+        theta = torch.dot(v, hv).item()  # Rayleigh quotient of H
+        residual = (hv - theta * v).norm().item()
+        if residual <= tol * max(abs(theta), 1e-300):
+            return theta, v, used, residual, True, spectral
+        shifted = hv + shift * v
+        norm = shifted.norm()
+        if norm == 0 or not torch.isfinite(norm):
+            break
+        v = shifted / norm
+    return theta, v, used, residual, False, spectral
+
+
+def power_iteration(
+    operator: Operator,
+    dim: int,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    start: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> EigenEstimate:
+    """Estimate the largest algebraic eigenvalue by power iteration, shifted when needed.
+
+    Plain power iteration converges to the eigenvalue of largest magnitude. When that
+    one is negative, or the iteration does not converge (for example λ_max = −λ_min),
+    the second phase iterates on H + s·I with s the largest ‖Hv‖ seen, which makes the
+    spectrum non-negative and λ_max + s dominant. ``max_iter`` bounds each phase.
+    """
+    start = (start if start is not None else _random_start(dim, generator, device)).to(device=device, dtype=torch.float64)
+    theta, v, used, residual, converged, spectral = _power(operator, start, 0.0, max_iter, tol)
+    total = used
+    if not converged or theta < 0:
+        shift = spectral
+        theta, v, used, residual, converged, _ = _power(operator, v + 0.1 * _random_start(dim, generator, device), shift, max_iter, tol)
+        total += used
+    return EigenEstimate(theta, v / v.norm(), total, residual, converged, method="power")
+
+
+def hutchinson_trace(operator: Operator, dim: int, samples: int = 20, generator: torch.Generator | None = None,
+                     device: torch.device | str = "cpu") -> tuple[float, float]:
+    """Estimate tr(H) as the mean of vᵀHv over Rademacher vectors; return (mean, standard error)."""
+    if samples < 1:
+        raise ValueError(f"invalid samples={samples}: expected an integer >= 1")
+    values = []
+    for _ in range(samples):
+        v = (torch.randint(0, 2, (dim,), generator=generator, dtype=torch.float64) * 2 - 1).to(device)
+        values.append(torch.dot(v, operator(v)).item())
+    mean = sum(values) / samples
+    spread = math.sqrt(sum((x - mean) ** 2 for x in values) / (samples - 1) / samples) if samples > 1 else math.nan
+    return mean, spread
+
+
+ESTIMATORS = ("lanczos", "power")
 
 
 def top_eigenvalue(
@@ -178,14 +428,31 @@ def top_eigenvalue(
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
     warn: bool = True,
+    hvp_method: str = "auto",
+    estimator: str = "lanczos",
+    preconditioner: torch.Tensor | None = None,
 ) -> EigenEstimate:
-    """Estimate λ_max of the loss Hessian on one batch, in the model's current mode."""
-    operator = HessianOperator(model, loss_fn, inputs, targets, chunk_size=chunk_size)
+    """Estimate λ_max of the loss Hessian on one batch, in the model's current mode.
+
+    With ``preconditioner`` d (a flat positive vector, the diagonal of P), estimates
+    λ_max(P^-1/2 H P^-1/2) instead, the sharpness that governs an Adam step.
+    ``estimate.method`` records the estimator and the product path used.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"invalid estimator={estimator!r}: expected one of {ESTIMATORS}")
+    operator = HessianOperator(model, loss_fn, inputs, targets, chunk_size=chunk_size, method=hvp_method)
     device = operator.params[0].device
+    apply: Operator = operator
+    if preconditioner is not None:
+        scale = preconditioner.to(device=device, dtype=torch.float64).rsqrt()
+        apply = lambda v: scale * operator(scale * v)  # noqa: E731
+    solve = lanczos_top_eigen if estimator == "lanczos" else power_iteration
     try:
-        estimate = lanczos_top_eigen(operator, operator.dim, max_iter, tol, start, generator, device)
+        with solve_mode(model):
+            estimate = solve(apply, operator.dim, max_iter, tol, start, generator, device)
     finally:
         operator.release()
+    estimate.method = f"{estimate.method}/{operator.method}"
     if warn and not estimate.converged:
         warnings.warn(
             f"λ_max estimate {estimate.lambda_max:.6g} did not converge in {estimate.hvp_count} "

@@ -3,63 +3,56 @@
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from typing import Iterator
+import math
 
 import torch
 from torch import nn
 
 from dynamics.events import Callback, TrainState
-from probes.hessian import EigenEstimate, top_eigenvalue
-from probes.thresholds import eos_deviation, stability_thresholds
+from probes.backends import pyhessian_top_eigenvalue
+from probes.hessian import ESTIMATORS, HVP_METHODS, EigenEstimate, HessianUnsupportedError, top_eigenvalue
+from probes.state import preserved_model_state
+from probes.thresholds import adam_preconditioner, adam_threshold, eos_deviation, stability_thresholds
 
 log = logging.getLogger(__name__)
 
 BN_MODES = ("train", "eval")
+BACKENDS = ("ours", "pyhessian")
+
+__all__ = ["SharpnessProbe", "preserved_model_state"]
 
 
-@contextmanager
-def preserved_model_state(model: nn.Module) -> Iterator[None]:
-    """Restore every module's train/eval flag, every buffer and the global RNG on exit.
-
-    Forward passes in train mode update BatchNorm running statistics, and dropout
-    draws from the global generator. This block undoes both, so a probe that runs
-    inside it leaves the training run as it found it.
-    """
-    modes = {module: module.training for module in model.modules()}
-    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+def _inner_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 class SharpnessProbe(Callback):
-    """Measure λ_max on a fixed sharpness batch and compare it with 2/h and (2+2β)/h.
+    """Measure λ_max on a fixed sharpness batch and compare it with the stability thresholds.
 
     Args:
         inputs, targets: the declared sharpness batch, kept fixed for the whole run and
             prepared like the training data but without augmentation.
-        every_epochs: measure at the end of every this many epochs, and after the last.
+        every_epochs: measure at the end of every this many epochs (0: only after the
+            last epoch).
         every_steps: also measure after every this many optimizer steps (0: never).
-        momentum: heavy-ball β of the optimizer, for the (2+2β)/h threshold.
+        momentum: heavy-ball β of an SGD optimizer, for the (2+2β)/h threshold.
         bn_mode: ``train`` evaluates BatchNorm with batch statistics, as in the loss the
             optimizer descends; ``eval`` uses running statistics. Buffers are restored.
-        max_iter, tol: Lanczos budget and relative residual tolerance.
+        max_iter, tol: budget in Hessian-vector products and relative residual tolerance.
         seed: seed of the probe's own generator for the first start vector; later
             estimates start from the previous eigenvector (warm start).
+        hvp_method: ``auto``, ``double_backward`` or ``forward_over_reverse``.
+        estimator: ``lanczos`` (default) or ``power`` (shifted power iteration).
+        backend: ``ours`` or ``pyhessian`` (eval-mode BatchNorm, power iteration).
 
-    Rows go to the ``sharpness`` frame, one per threshold kind. The step size h is the
-    one the optimizer took at the latest step (``state.measurement.effective_lr``).
+    Rows go to the ``sharpness`` frame, one per threshold kind; h is the step size the
+    optimizer took at the latest step (``state.measurement.effective_lr``). Under Adam
+    or AdamW the probe also measures the preconditioned sharpness λ_max(P^-1/2 H P^-1/2),
+    P = diag(sqrt(v̂) + ε) from the optimizer's own state, against (2+2β1)/(h(1−β1))
+    (row ``preconditioned=True``); the raw λ_max row against 2/h is kept and a warning
+    says it is not the stability criterion for Adam. A model whose operations have no
+    second derivative switches the probe off with a logged reason, recorded in the
+    ``probe_events`` frame, and training goes on.
     """
 
     def __init__(
@@ -74,40 +67,57 @@ class SharpnessProbe(Callback):
         tol: float = 1e-3,
         seed: int = 0,
         chunk_size: int | None = None,
+        hvp_method: str = "auto",
+        estimator: str = "lanczos",
+        backend: str = "ours",
     ) -> None:
-        if bn_mode not in BN_MODES:
-            raise ValueError(f"invalid bn_mode={bn_mode!r}: expected one of {BN_MODES}")
+        checks = [
+            (bn_mode in BN_MODES, "bn_mode", bn_mode, BN_MODES),
+            (hvp_method in HVP_METHODS, "hvp_method", hvp_method, HVP_METHODS),
+            (estimator in ESTIMATORS, "estimator", estimator, ESTIMATORS),
+            (backend in BACKENDS, "backend", backend, BACKENDS),
+        ]
+        for ok, name, value, allowed in checks:
+            if not ok:
+                raise ValueError(f"invalid {name}={value!r}: expected one of {allowed}")
         if every_epochs < 0 or every_steps < 0:
             raise ValueError(f"invalid cadence every_epochs={every_epochs}, every_steps={every_steps}: expected >= 0")
+        if backend == "pyhessian" and bn_mode != "eval":
+            log.info("the pyhessian backend evaluates BatchNorm in eval mode; bn_mode set to 'eval'")
+            bn_mode = "eval"
         self.inputs, self.targets = inputs, targets
         self.every_epochs, self.every_steps = every_epochs, every_steps
         self.momentum = momentum
         self.bn_mode = bn_mode
         self.max_iter, self.tol = max_iter, tol
         self.chunk_size = chunk_size
+        self.hvp_method, self.estimator, self.backend = hvp_method, estimator, backend
         self.generator = torch.Generator().manual_seed(seed)
-        self.previous: torch.Tensor | None = None
+        self.previous: dict[bool, torch.Tensor | None] = {False: None, True: None}
         self.last: EigenEstimate | None = None
+        self.disabled_reason = ""
         self.estimates = 0
         self.unconverged = 0
+        self._warned_adam = False
 
-    def measure(self, model: nn.Module, loss_fn: nn.Module) -> EigenEstimate:
-        """Estimate λ_max now, leaving the model as it was."""
+    def measure(self, model: nn.Module, loss_fn: nn.Module, preconditioner: torch.Tensor | None = None) -> EigenEstimate:
+        """Estimate λ_max now (of P^-1/2 H P^-1/2 when a preconditioner is given), leaving the model as it was."""
+        preconditioned = preconditioner is not None
         with preserved_model_state(model):
             model.train(self.bn_mode == "train")
-            estimate = top_eigenvalue(
-                model,
-                loss_fn,
-                self.inputs,
-                self.targets,
-                max_iter=self.max_iter,
-                tol=self.tol,
-                start=self.previous,
-                generator=self.generator,
-                chunk_size=self.chunk_size,
-                warn=False,
-            )
-        self.previous = estimate.vector
+            if self.backend == "pyhessian":
+                if preconditioned:
+                    raise ValueError("the pyhessian backend has no preconditioned sharpness; use backend='ours'")
+                estimate = pyhessian_top_eigenvalue(model, loss_fn, self.inputs, self.targets, self.max_iter, self.tol)
+            else:
+                estimate = top_eigenvalue(
+                    model, loss_fn, self.inputs, self.targets,
+                    max_iter=self.max_iter, tol=self.tol, start=self.previous[preconditioned],
+                    generator=self.generator, chunk_size=self.chunk_size, warn=False,
+                    hvp_method=self.hvp_method, estimator=self.estimator, preconditioner=preconditioner,
+                )
+                self.hvp_method = estimate.method.split("/")[-1]  # keep the path "auto" chose
+        self.previous[preconditioned] = estimate.vector
         self.last = estimate
         self.estimates += 1
         if not estimate.converged:
@@ -120,30 +130,63 @@ class SharpnessProbe(Callback):
                 )
         return estimate
 
-    def _record(self, state: TrainState) -> None:
-        estimate = self.measure(state.model, state.loss_fn)
-        h = state.measurement.effective_lr if state.measurement is not None else float("nan")
-        for kind, threshold in stability_thresholds(h, self.momentum).items():
-            state.recorder.append(
-                "sharpness",
-                {
-                    "run_id": state.run_id,
-                    "epoch": state.epoch,
-                    "step": state.step,
-                    "lambda_max": estimate.lambda_max,
-                    "lambda_2": estimate.lambda_2,
-                    "lr": state.measurement.lr if state.measurement is not None else float("nan"),
-                    "effective_lr": h,
-                    "threshold_kind": kind,
-                    "threshold": threshold,
-                    "deviation": eos_deviation(estimate.lambda_max, threshold),
-                    "hvp_count": estimate.hvp_count,
-                    "converged": estimate.converged,
-                    "residual": estimate.residual,
-                    "batch_size": len(self.targets),
-                    "bn_mode": self.bn_mode,
-                },
-            )
+    def _row(self, state: TrainState, estimate: EigenEstimate, kind: str, threshold: float, preconditioned: bool) -> dict:
+        m = state.measurement
+        return {
+            "run_id": state.run_id,
+            "epoch": state.epoch,
+            "step": state.step,
+            "lambda_max": estimate.lambda_max,
+            "lambda_2": estimate.lambda_2,
+            "preconditioned": preconditioned,
+            "lr": m.lr if m is not None else math.nan,
+            "effective_lr": m.effective_lr if m is not None else math.nan,
+            "threshold_kind": kind,
+            "threshold": threshold,
+            "deviation": eos_deviation(estimate.lambda_max, threshold),
+            "hvp_count": estimate.hvp_count,
+            "converged": estimate.converged,
+            "residual": estimate.residual,
+            "batch_size": len(self.targets),
+            "bn_mode": self.bn_mode,
+            "estimator": estimate.method,
+        }
+
+    def _record(self, state: TrainState) -> list[dict]:
+        if self.disabled_reason:
+            return []
+        h = state.measurement.effective_lr if state.measurement is not None else math.nan
+        inner = _inner_optimizer(state.optimizer)
+        adam = isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+        try:
+            estimate = self.measure(state.model, state.loss_fn)
+            rows = [self._row(state, estimate, kind, value, False)
+                    for kind, value in stability_thresholds(h, 0.0 if adam else self.momentum).items()]
+            if adam:
+                if not self._warned_adam:
+                    log.warning(
+                        "%s: under Adam, raw λ_max against 2/h is not the stability criterion; compare the "
+                        "preconditioned sharpness (rows with preconditioned=True) with (2+2β1)/(h(1-β1))",
+                        state.run_id,
+                    )
+                    self._warned_adam = True
+                params = [p for p in state.model.parameters() if p.requires_grad]
+                diagonal = adam_preconditioner(inner, params)
+                if diagonal is not None:
+                    beta1 = inner.param_groups[0]["betas"][0]
+                    estimate = self.measure(state.model, state.loss_fn, diagonal)
+                    rows.append(self._row(state, estimate, "(2+2β1)/(h(1-β1))", adam_threshold(h, beta1), True))
+        except HessianUnsupportedError as error:
+            self.disabled_reason = str(error)
+            log.error("%s: sharpness probe switched off at step %d: %s", state.run_id, state.step, error)
+            state.recorder.append("probe_events", {
+                "run_id": state.run_id, "epoch": state.epoch, "step": state.step,
+                "probe": "sharpness", "event": "disabled", "reason": self.disabled_reason,
+            })
+            return []
+        for row in rows:
+            state.recorder.append("sharpness", row)
+        return rows
 
     def after_step(self, state: TrainState) -> None:
         if self.every_steps and state.step % self.every_steps == 0:
@@ -152,8 +195,9 @@ class SharpnessProbe(Callback):
     def on_epoch_end(self, state: TrainState) -> None:
         due = self.every_epochs and state.epoch % self.every_epochs == 0
         if due or state.epoch == state.epochs:
-            self._record(state)
-            state.epoch_row["lambda_max"] = self.last.lambda_max
+            rows = self._record(state)
+            if rows:
+                state.epoch_row["lambda_max"] = rows[0]["lambda_max"]
 
     def on_train_end(self, state: TrainState) -> None:
         if self.unconverged:

@@ -23,3 +23,36 @@ def stability_thresholds(effective_lr: float, momentum: float = 0.0) -> dict[str
 def eos_deviation(lambda_max: float, threshold: float) -> float:
     """Return |λ_max − threshold|, the distance from the edge of stability."""
     return abs(lambda_max - threshold)
+
+
+def adam_threshold(effective_lr: float, beta1: float) -> float:
+    """Return (2 + 2β1) / (h(1 − β1)), the edge for Adam's preconditioned sharpness.
+
+    Adam with momentum β1 on a quadratic is stable along an eigendirection of
+    P^-1/2 H P^-1/2 below this value (Cohen et al., 2022, "Adaptive gradient methods
+    at the edge of stability"); at β1 = 0.9 it is 38/h.
+    """
+    if not effective_lr > 0:
+        return math.inf
+    return (2.0 + 2.0 * beta1) / (effective_lr * (1.0 - beta1))
+
+
+def adam_preconditioner(optimizer, params) -> "torch.Tensor | None":
+    """Return the flat diagonal of Adam's P = sqrt(v̂) + ε for ``params``, or None before any step.
+
+    v̂ is the bias-corrected second moment ``exp_avg_sq / (1 − β2^t)`` read from the
+    optimizer's own state, with its own ε, as the next Adam step would use it.
+    """
+    import torch
+
+    pieces = []
+    for p in params:
+        group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+        state = optimizer.state.get(p, {})
+        if "exp_avg_sq" not in state:
+            return None
+        step = float(state["step"])
+        beta2, eps = group["betas"][1], group["eps"]
+        second = state["exp_avg_sq"] / (1.0 - beta2**step)
+        pieces.append((second.sqrt() + eps).reshape(-1).to(torch.float64))
+    return torch.cat(pieces)

@@ -1,0 +1,65 @@
+"""The ``pyhessian`` backend, wrapped so that it leaves the model as it found it.
+
+pyhessian (Yao et al., 2020) switches the model to eval mode, fills ``.grad`` through
+``loss.backward(create_graph=True)``, draws its start vector from the global RNG and
+returns the eigenvalue of largest magnitude from power iteration. The wrapper
+restores mode, buffers, ``.grad`` and the RNG, and counts the Hessian-vector products.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+from probes.hessian import EigenEstimate
+from probes.state import preserved_model_state
+
+
+def pyhessian_top_eigenvalue(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+) -> EigenEstimate:
+    """Return pyhessian's top eigenvalue (BatchNorm in eval mode, as pyhessian does).
+
+    ``residual`` is NaN (pyhessian does not report one); ``converged`` means the
+    power iteration stopped before ``max_iter`` products.
+    """
+    try:
+        import pyhessian
+        import pyhessian.hessian as pyhessian_hessian
+    except ImportError as error:
+        raise ImportError("the pyhessian backend needs the pyhessian package: pip install pyhessian") from error
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved_grads = [p.grad for p in params]
+    count = 0
+    original_product = pyhessian_hessian.hessian_vector_product
+
+    def counting_product(*args, **kwargs):
+        nonlocal count
+        count += 1
+        return original_product(*args, **kwargs)
+
+    with preserved_model_state(model):
+        for p in params:
+            p.grad = None
+        pyhessian_hessian.hessian_vector_product = counting_product
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                engine = pyhessian.hessian(model, loss_fn, data=(inputs, targets), cuda=inputs.is_cuda)
+                values, vectors = engine.eigenvalues(maxIter=max_iter, tol=tol, top_n=1)
+        finally:
+            pyhessian_hessian.hessian_vector_product = original_product
+            for p, grad in zip(params, saved_grads):
+                p.grad = grad
+    vector = torch.cat([v.reshape(-1) for v in vectors[0]]).to(torch.float64)
+    return EigenEstimate(float(values[0]), vector, count, math.nan, count < max_iter, method="pyhessian/power")

@@ -1,0 +1,58 @@
+"""λ_max across several sharpness batches or start seeds, for error bars."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from probes.hessian import top_eigenvalue
+from probes.state import preserved_model_state
+
+
+@dataclass
+class SharpnessSpread:
+    """λ_max per batch (or seed) with their mean, sample standard deviation and count."""
+
+    values: list[float]
+    converged: list[bool]
+    mean: float
+    std: float
+
+    @property
+    def count(self) -> int:
+        return len(self.values)
+
+
+def sharpness_spread(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    seeds: Sequence[int] = (0,),
+    bn_mode: str = "train",
+    **kwargs,
+) -> SharpnessSpread:
+    """Estimate λ_max on every batch for every start seed, leaving the model as it was.
+
+    Batch-to-batch spread is the sampling error of a one-batch sharpness; seed-to-seed
+    spread on one batch is the estimator's own error. ``kwargs`` go to
+    :func:`probes.hessian.top_eigenvalue`.
+    """
+    if not batches:
+        raise ValueError("sharpness_spread needs at least one (inputs, targets) batch")
+    values, converged = [], []
+    with preserved_model_state(model):
+        model.train(bn_mode == "train")
+        for inputs, targets in batches:
+            for seed in seeds:
+                estimate = top_eigenvalue(
+                    model, loss_fn, inputs, targets, generator=torch.Generator().manual_seed(seed), warn=False, **kwargs
+                )
+                values.append(estimate.lambda_max)
+                converged.append(estimate.converged)
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+    return SharpnessSpread(values, converged, float(np.mean(values)), std)
