@@ -33,8 +33,13 @@ def pyhessian_top_eigenvalue(
     power iteration stopped before ``max_iter`` products.
     """
     try:
+        import sys
+
         import pyhessian
-        import pyhessian.hessian as pyhessian_hessian
+
+        # pyhessian's package namespace re-exports the class ``hessian`` under the
+        # module's own name, so the module is taken from sys.modules.
+        pyhessian_hessian = sys.modules["pyhessian.hessian"]
     except ImportError as error:
         raise ImportError("the pyhessian backend needs the pyhessian package: pip install pyhessian") from error
 

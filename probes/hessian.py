@@ -128,14 +128,20 @@ class HessianOperator:
     def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.cat([t.reshape(-1) for t in tensors]).to(torch.float64)
 
+    def _checked_grads(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        grads = self._chunk_grads(inputs, targets)
+        if has_delayed_error(grads):
+            raise RuntimeError("the gradient graph passes through a function marked @once_differentiable")
+        return grads
+
     def _double_backward(self, tangents: list[torch.Tensor]) -> torch.Tensor:
         if len(self.chunks) == 1:
             if self._grads is None:
-                self._grads = self._chunk_grads(*self.chunks[0])
+                self._grads = self._checked_grads(*self.chunks[0])
             return self._flat(torch.autograd.grad(self._grads, self.params, tangents, retain_graph=True))
         total = None
         for inputs, targets in self.chunks:
-            grads = self._chunk_grads(inputs, targets)
+            grads = self._checked_grads(inputs, targets)
             part = self._flat(torch.autograd.grad(grads, self.params, tangents))
             total = part if total is None else total + part
         return total
@@ -199,6 +205,26 @@ class HessianOperator:
         self._grads = None
 
 
+def has_delayed_error(roots: Sequence[torch.Tensor]) -> bool:
+    """Whether a gradient graph contains the node that ``@once_differentiable`` plants.
+
+    That node hangs off detached copies, so a second derivative taken with respect to
+    the parameters never runs it: autograd silently drops its contribution instead of
+    raising. Walking the graph is the only way to notice.
+    """
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ in ("Error", "DelayedError"):  # the node's class name varies by torch version
+            return True
+        stack.extend(child for child, _ in node.next_functions)
+    return False
+
+
 def describe_unsupported(model: nn.Module, inputs: torch.Tensor, method: str, error: Exception) -> str:
     """Name the first leaf module whose output has no second derivative, and the way out.
 
@@ -224,6 +250,8 @@ def describe_unsupported(model: nn.Module, inputs: torch.Tensor, method: str, er
             sources += [p for p in module.parameters(recurse=False) if p.requires_grad]
             try:
                 first = torch.autograd.grad(output.square().sum(), sources, create_graph=True, allow_unused=True)
+                if has_delayed_error([g for g in first if g is not None]):
+                    raise RuntimeError("once differentiable")
                 second = sum(g.sum() for g in first if g is not None and g.requires_grad)
                 if isinstance(second, torch.Tensor):
                     torch.autograd.grad(second, sources, allow_unused=True)

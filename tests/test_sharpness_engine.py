@@ -1,0 +1,260 @@
+"""The sharpness engine: both HVP paths, estimators, Adam preconditioning, unsupported models."""
+
+import gc
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from dynamics.clipping import DeltaGClip
+from dynamics.data import TensorLoader
+from dynamics.trainer import TrainConfig, Trainer
+from probes import (
+    HessianOperator,
+    HessianUnsupportedError,
+    SharpnessProbe,
+    adam_preconditioner,
+    hutchinson_trace,
+    lanczos,
+    power_iteration,
+    pyhessian_top_eigenvalue,
+    sharpness_spread,
+    top_eigenvalue,
+)
+
+
+def _matrix(diagonal):
+    return torch.diag(torch.tensor(diagonal, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("diagonal, expected", [((-5.0, 3.0, 1.0), 3.0), ((4.0, -4.0, 1.0), 4.0)])
+def test_power_iteration_returns_top_or_reports_failure(diagonal, expected):
+    """Power iteration must never return −5 for diag(−5, 3, 1): the shift fixes it."""
+    matrix = _matrix(diagonal)
+    estimate = power_iteration(lambda v: matrix @ v, 3, max_iter=500, tol=1e-8, generator=torch.Generator().manual_seed(0))
+    if estimate.converged:
+        assert estimate.lambda_max == pytest.approx(expected, rel=1e-6)
+    else:
+        assert estimate.lambda_max != pytest.approx(min(diagonal), rel=1e-3)
+
+
+def test_lanczos_top_three_with_bulk_and_outliers():
+    generator = torch.Generator().manual_seed(5)
+    dim = 300
+    spectrum = torch.rand(dim, generator=generator, dtype=torch.float64)  # bulk in [0, 1]
+    spectrum[:2] = torch.tensor([50.0, 20.0], dtype=torch.float64)
+    basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+    matrix = basis @ torch.diag(spectrum) @ basis.T
+    exact = torch.sort(spectrum, descending=True).values[:3]
+    estimate = lanczos(lambda v: matrix @ v, dim, k=3, max_iter=150, tol=1e-6, generator=generator)
+    assert estimate.converged
+    assert len(estimate.eigenvalues) == 3
+    for found, true in zip(estimate.eigenvalues, exact.tolist()):
+        assert found == pytest.approx(true, abs=1e-3)
+
+
+class BatchNormCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.norm(self.conv(x)))
+        return self.head(nn.functional.avg_pool2d(x, 2).flatten(1))
+
+
+def _bn_problem():
+    torch.manual_seed(0)
+    model = BatchNormCNN().train()
+    return model, torch.randn(24, 1, 8, 8), torch.randint(0, 3, (24,))
+
+
+def test_both_hvp_paths_agree_on_train_mode_batchnorm():
+    model, inputs, targets = _bn_problem()
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    loss_fn = nn.CrossEntropyLoss()
+    vector = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    from probes.hessian import solve_mode
+
+    with solve_mode(model):
+        reverse = HessianOperator(model, loss_fn, inputs, targets, method="double_backward")(vector)
+        forward = HessianOperator(model, loss_fn, inputs, targets, method="forward_over_reverse")(vector)
+    torch.testing.assert_close(forward, reverse, rtol=1e-5, atol=1e-5)
+    for name, value in buffers.items():
+        assert torch.equal(model.state_dict()[name], value), name
+    assert model.training and model.norm.track_running_stats
+
+
+@pytest.mark.parametrize("method", ["double_backward", "forward_over_reverse"])
+def test_unequal_chunks_match_single_batch(method):
+    model, inputs, targets = _bn_problem()
+    model.eval()  # batch statistics differ per chunk in train mode; eval mode makes chunks additive
+    loss_fn = nn.CrossEntropyLoss()
+    vector = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    whole = HessianOperator(model, loss_fn, inputs, targets, method=method)(vector)
+    chunked_operator = HessianOperator(model, loss_fn, inputs, targets, chunk_size=10, method=method)
+    assert [len(t) for _, t in chunked_operator.chunks] == [10, 10, 4]
+    torch.testing.assert_close(chunked_operator(vector), whole, rtol=1e-6, atol=1e-6)
+
+
+def _live_tensors():
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+
+
+def test_fifty_probe_calls_keep_memory_and_grad():
+    model, inputs, targets = _bn_problem()
+    nn.CrossEntropyLoss()(model(inputs), targets).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    probe = SharpnessProbe(inputs, targets, max_iter=10, hvp_method="double_backward")
+    probe.measure(model, nn.CrossEntropyLoss())
+    baseline = _live_tensors()
+    for _ in range(50):
+        probe.measure(model, nn.CrossEntropyLoss())
+    assert _live_tensors() <= baseline + 2  # the previous vector is replaced, nothing accumulates
+    for p, grad in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, grad)
+
+
+def _dense_hessian(model, loss_fn, inputs, targets):
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def loss_of(vector):
+        pieces = torch.split(vector, [p.numel() for p in params])
+        state = {n: piece.view_as(p) for n, piece, p in zip(names, pieces, params)}
+        return loss_fn(torch.func.functional_call(model, state, (inputs,)), targets)
+
+    return torch.autograd.functional.hessian(loss_of, flat)
+
+
+def test_preconditioned_sharpness_matches_dense_with_real_adam_state():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    inputs, targets = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 2, (12,))
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, eps=1e-3)
+    for _ in range(4):
+        optimizer.zero_grad()
+        loss_fn(model(inputs), targets).backward()
+        optimizer.step()
+    diagonal = adam_preconditioner(optimizer, list(model.parameters()))
+    state = optimizer.state[model[0].weight]
+    expected_first = (state["exp_avg_sq"] / (1 - 0.999**4)).sqrt().reshape(-1)[0] + 1e-3
+    assert diagonal[0].item() == pytest.approx(expected_first.item(), rel=1e-12)
+
+    hessian = _dense_hessian(model, loss_fn, inputs, targets)
+    scale = diagonal.rsqrt()
+    exact = torch.linalg.eigvalsh(scale[:, None] * hessian * scale[None, :])[-1].item()
+    estimate = top_eigenvalue(model, loss_fn, inputs, targets, max_iter=60, tol=1e-10, preconditioner=diagonal)
+    assert estimate.lambda_max == pytest.approx(exact, rel=1e-7)
+
+
+def test_hutchinson_trace_close_to_exact():
+    torch.manual_seed(0)
+    matrix = torch.randn(30, 30, dtype=torch.float64)
+    matrix = matrix @ matrix.T
+    mean, error = hutchinson_trace(lambda v: matrix @ v, 30, samples=400, generator=torch.Generator().manual_seed(1))
+    assert abs(mean - matrix.trace().item()) <= 4 * error
+    assert error < 0.1 * matrix.trace().item()
+
+
+def test_spread_over_batches_and_seeds():
+    model, inputs, targets = _bn_problem()
+    batches = [(inputs[:12], targets[:12]), (inputs[12:], targets[12:])]
+    spread = sharpness_spread(model, nn.CrossEntropyLoss(), batches, seeds=(0, 1), max_iter=40, tol=1e-6)
+    assert spread.count == 4
+    assert all(spread.converged)
+    # Seeds agree on each batch; batches differ.
+    assert spread.values[0] == pytest.approx(spread.values[1], rel=1e-4)
+    assert spread.std > 0
+
+
+class OnceDifferentiableSquare(torch.autograd.Function):
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+
+class FusedSquare(nn.Module):
+    def forward(self, x):
+        return OnceDifferentiableSquare.apply(x)
+
+
+def _unsupported_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), FusedSquare(), nn.Linear(6, 3))
+
+
+def test_unsupported_model_error_names_module():
+    model = _unsupported_model()
+    inputs, targets = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(HessianUnsupportedError, match=r"module '1' \(FusedSquare\).*switch the sharpness probe off"):
+        top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, hvp_method="double_backward")
+
+
+def test_unsupported_model_disables_probe_and_training_continues(caplog):
+    model = _unsupported_model()
+    inputs, targets = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    optimizer = DeltaGClip(torch.optim.SGD(model.parameters(), lr=0.1), gamma=1.0, delta=0.2)
+    probe = SharpnessProbe(inputs[:16], targets[:16], every_steps=2, hvp_method="double_backward")
+    loader = TensorLoader(inputs, targets, 16)
+    with caplog.at_level(logging.ERROR):
+        result = Trainer(model, nn.CrossEntropyLoss(), loader, loader, optimizer, TrainConfig(2, progress=False), [probe]).fit()
+    assert result.status == "completed"
+    assert len(result.recorder.rows("steps")) == 8
+    events = result.recorder.rows("probe_events")
+    assert len(events) == 1
+    assert events[0]["event"] == "disabled"
+    assert "FusedSquare" in events[0]["reason"]
+    assert "switched off" in caplog.text
+
+
+def test_auto_hvp_falls_back_when_forward_mode_fails(caplog):
+    """once_differentiable has no forward-mode rule either; auto must then raise clearly."""
+    model = _unsupported_model()
+    inputs, targets = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(HessianUnsupportedError):
+        top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, hvp_method="auto")
+
+
+def test_adam_run_records_preconditioned_sharpness(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    inputs, targets = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    optimizer = DeltaGClip(torch.optim.Adam(model.parameters(), lr=0.01), gamma=1.0, delta=0.5)
+    probe = SharpnessProbe(inputs, targets, every_epochs=1, max_iter=30, tol=1e-4)
+    loader = TensorLoader(inputs, targets, 16)
+    with caplog.at_level(logging.WARNING):
+        result = Trainer(model, nn.CrossEntropyLoss(), loader, loader, optimizer, TrainConfig(2, progress=False), [probe]).fit()
+    rows = result.recorder.rows("sharpness")
+    kinds = {(r["threshold_kind"], r["preconditioned"]) for r in rows}
+    assert kinds == {("2/h", False), ("(2+2β1)/(h(1-β1))", True)}
+    adam_row = [r for r in rows if r["preconditioned"]][-1]
+    assert adam_row["threshold"] == pytest.approx(3.8 / (0.1 * adam_row["effective_lr"]))
+    assert "not the stability criterion" in caplog.text
+
+
+def test_pyhessian_backend_restores_mode_and_grad():
+    model, inputs, targets = _bn_problem()
+    nn.CrossEntropyLoss()(model(inputs), targets).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    estimate = pyhessian_top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, max_iter=50)
+    assert model.training
+    for p, grad in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, grad)
+    assert estimate.hvp_count >= 2
+    model.eval()
+    ours = top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, max_iter=60, tol=1e-6)
+    assert estimate.lambda_max == pytest.approx(ours.lambda_max, rel=1e-2)
