@@ -125,8 +125,43 @@ class CifarResNet(nn.Module):
         return self.classifier(out)
 
 
+MODELS = ("resnet", "mlp")
+
+
 def build_model(name: str, **kwargs) -> nn.Module:
-    """Build a model by registry name (``resnet``)."""
-    if name != "resnet":
-        raise ValueError(f"unknown model {name!r}: known models are ['resnet']")
-    return CifarResNet(**kwargs)
+    """Build a model by registry name: ``resnet`` (:class:`CifarResNet`) or ``mlp`` (:class:`MLP`)."""
+    if name == "resnet":
+        return CifarResNet(**kwargs)
+    if name == "mlp":
+        return MLP(**kwargs)
+    raise ValueError(f"unknown model {name!r}: known models are {list(MODELS)}")
+
+
+class MLP(nn.Module):
+    """Fully connected network on flattened inputs: Linear, activation, ..., Linear.
+
+    Args:
+        in_features: size of a flattened input (64 for 8x8 digits).
+        hidden: widths of the hidden layers.
+        num_classes: size of the output layer.
+        activation: ``tanh`` or ``relu``.
+    """
+
+    ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+    def __init__(self, in_features: int, hidden: tuple[int, ...] = (200, 200), num_classes: int = 10, activation: str = "tanh") -> None:
+        super().__init__()
+        if activation not in self.ACTIVATIONS:
+            raise ValueError(f"invalid activation={activation!r}: expected one of {sorted(self.ACTIVATIONS)}")
+        if not hidden or any(not isinstance(h, int) or h < 1 for h in hidden):
+            raise ValueError(f"invalid hidden={hidden!r}: expected one or more integer widths >= 1")
+        layers: list[nn.Module] = []
+        previous = in_features
+        for width in hidden:
+            layers += [nn.Linear(previous, width), self.ACTIVATIONS[activation]()]
+            previous = width
+        layers.append(nn.Linear(previous, num_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x.flatten(1))

@@ -61,6 +61,7 @@ class TrainConfig:
     max_loss: float = math.inf
     progress: bool | None = None  # None: show the bar only on a terminal
     warmup_epochs: int | None = None  # δ-GClip only in the first epochs, then unclipped
+    log_every: int = 1  # log the epoch line every this many epochs, and after the last
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -237,7 +238,8 @@ class Trainer:
         self._emit("on_epoch_end", state)
         state.epoch_row["epoch_time"] = time.perf_counter() - epoch_started
         state.recorder.append("epochs", state.epoch_row)
-        log.info(format_epoch_line(state.epoch_row, config.epochs, time.perf_counter() - started))
+        if epoch % config.log_every == 0 or epoch == config.epochs:
+            log.info(format_epoch_line(state.epoch_row, config.epochs, time.perf_counter() - started))
         if self.scheduler is not None:
             self.scheduler.step()
 

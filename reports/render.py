@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports import figures, tables
+from reports import figures, sharpness as sharpness_report, tables
 
 log = logging.getLogger(__name__)
 
-FRAME_NAMES = ("runs", "steps", "epochs", "sharpness", "grad_hist")
+FRAME_NAMES = ("runs", "steps", "epochs", "sharpness", "grad_hist", "probe_events")
 
 
 class ReportError(RuntimeError):
@@ -38,13 +38,8 @@ def read_frames(directory: Path) -> dict[str, pd.DataFrame]:
     return frames
 
 
-def render_report(directory: str | Path) -> Path:
-    """Write tables (CSV, Markdown, LaTeX), figures (PNG, PDF) and report.md; return report.md."""
-    directory = Path(directory)
-    frames = read_frames(directory)
+def _depth_specs(frames: dict[str, pd.DataFrame]) -> tuple[list, list]:
     runs = frames["runs"]
-    table_dir, figure_dir = directory / "tables", directory / "figures"
-
     table_specs = [
         ("delta_star", tables.delta_star_table(runs),
          "Optimal δ* per depth (best final test accuracy, ties to lower test loss), with the GClip and SGD baselines."),
@@ -53,10 +48,7 @@ def render_report(directory: str | Path) -> Path:
         ("sharpness", tables.sharpness_table(runs),
          "Final λ_max against the stability threshold 2/h of the last step taken, and |λ_max − 2/h|."),
     ]
-    for name, table, caption in table_specs:
-        tables.write_table(table, table_dir, name, caption)
-
-    empty = pd.DataFrame(columns=["run_id", "epoch", "threshold_kind", "deviation", "lambda_max", "threshold"])
+    empty = pd.DataFrame(columns=["run_id", "epoch", "step", "threshold_kind", "deviation", "lambda_max", "threshold"])
     sharpness = frames["sharpness"] if not frames["sharpness"].empty else empty
     epochs = frames["epochs"] if "mean_effective_lr" in frames["epochs"] else pd.DataFrame(columns=["run_id", "epoch", "mean_effective_lr"])
     figure_specs = [
@@ -69,6 +61,36 @@ def render_report(directory: str | Path) -> Path:
         ("accuracy_vs_delta", figures.accuracy_vs_delta_figure(runs),
          "Final test accuracy against δ per depth; GClip (dashed) and SGD (dotted) for reference."),
     ]
+    return table_specs, figure_specs
+
+
+def _sharpness_specs(frames: dict[str, pd.DataFrame]) -> tuple[list, list]:
+    runs, sharpness = frames["runs"], frames["sharpness"]
+    table_specs = [
+        ("eos_summary", sharpness_report.eos_summary_table(sharpness, runs),
+         "Per run: λ_max at the start, its peak, and its median over the last third of training against the "
+         "stability threshold; final_ratio near 1 means the run sits at the edge of stability."),
+        ("runs", tables.runs_table(runs), "Every run with its final metrics."),
+    ]
+    figure_specs = [
+        ("sharpness_trajectory", sharpness_report.sharpness_trajectory_figure(sharpness, runs),
+         "λ_max over steps (solid) against the run's stability threshold (dashed); shaded: the final phase."),
+        ("train_loss", sharpness_report.train_loss_figure(frames["steps"], runs),
+         "Training loss over steps, one line per step size."),
+    ]
+    return table_specs, figure_specs
+
+
+def render_report(directory: str | Path) -> Path:
+    """Write tables (CSV, Markdown, LaTeX), figures (PNG, PDF) and report.md; return report.md."""
+    directory = Path(directory)
+    frames = read_frames(directory)
+    runs = frames["runs"]
+    table_dir, figure_dir = directory / "tables", directory / "figures"
+    kind = runs["study"].iloc[0] if "study" in runs else "depth"
+    table_specs, figure_specs = (_sharpness_specs if kind == "sharpness" else _depth_specs)(frames)
+    for name, table, caption in table_specs:
+        tables.write_table(table, table_dir, name, caption)
     for name, fig, _ in figure_specs:
         figures.save_figure(fig, figure_dir, name)
 

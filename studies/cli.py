@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--deltas", type=_list_of(float, "delta"), help="δ-GClip floors in [0, 1], e.g. 0.01,0.2,0.9")
     study.add_argument("--methods", type=_list_of(str, "method"), help="subset of sgd,gclip,dgclip")
     study.add_argument("--gamma", type=float, help="clipping threshold γ > 0 (gradient-norm units)")
-    study.add_argument("--lr", type=float, help="base learning rate η > 0")
+    study.add_argument("--lr", type=_list_of(float, "lr"), help="base learning rate η > 0; several values sweep it")
+    study.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), help="optimizer that δ-GClip wraps")
     study.add_argument("--momentum", type=float, help="heavy-ball momentum β in [0, 1)")
     study.add_argument("--weight-decay", type=float, help="L2 weight decay >= 0")
     study.add_argument("--epochs", type=int, help="training epochs >= 1")
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 OVERRIDES = {
-    "depths": "depths", "widths": "widths", "deltas": "deltas", "methods": "methods", "gamma": "gamma", "lr": "lr",
+    "depths": "depths", "widths": "widths", "deltas": "deltas", "methods": "methods", "gamma": "gamma",
+    "optimizer": "optimizer",
     "momentum": "momentum", "weight_decay": "weight_decay", "epochs": "epochs", "milestones": "milestones",
     "batch_size": "batch_size", "dataset": "dataset", "device": "device", "seed": "seed",
     "sharpness_every": "sharpness_every", "sharpness_batch": "sharpness_batch",
@@ -86,6 +88,11 @@ def _prepare_study(args: argparse.Namespace, parser: argparse.ArgumentParser):
     overrides = {key: getattr(args, attr) for attr, key in OVERRIDES.items() if getattr(args, attr) is not None}
     if args.data_root is not None:
         overrides["data_root"] = str(args.data_root)
+    if args.lr is not None:
+        if len(args.lr) == 1:
+            overrides["lr"], overrides["lrs"] = args.lr[0], ()
+        else:
+            overrides["lrs"] = args.lr
     if "epochs" in overrides and "milestones" not in overrides:
         # Keep the preset's schedule shape: the decay at the same fraction of training.
         preset = PRESETS[args.kind].get(args.preset, {}).get("base", {})

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from dynamics.data import DATASETS
-from dynamics.models import check_depth
+from dynamics.losses import LOSSES
+from dynamics.models import MODELS, check_depth
 
 METHODS = ("sgd", "gclip", "dgclip")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -26,7 +27,11 @@ class RunConfig:
     ``dgclip`` (δ-GClip with floor ``delta``). ``lr`` is η before the step schedule;
     ``milestones`` are epochs after which η is multiplied by ``lr_factor``. The
     sharpness probe measures λ_max every ``sharpness_every`` epochs (0: only after the
-    last) on a fixed batch of ``sharpness_batch`` training images.
+    last) and every ``sharpness_every_steps`` optimizer steps (0: never) on a fixed
+    batch of ``sharpness_batch`` training images. ``train_subset`` > 0 trains on that
+    many training images (a fixed subset); a batch size of at least that size makes
+    every epoch one full-batch gradient step. ``depth`` and ``width`` apply to
+    ``resnet``, ``hidden`` and ``activation`` to ``mlp``.
     """
 
     study: str = "depth"
@@ -52,10 +57,23 @@ class RunConfig:
     sharpness_batch: int = 256
     sharpness_max_iter: int = 30
     sharpness_tol: float = 1e-2
+    sharpness_every_steps: int = 0
+    loss: str = "cross_entropy"
+    hidden: tuple[int, ...] = (200, 200)
+    activation: str = "tanh"
+    train_subset: int = 0
+    log_every: int = 1
 
     def __post_init__(self) -> None:
-        check_depth(self.depth)
+        if self.model == "resnet":
+            check_depth(self.depth)
         checks = [
+            (self.model in MODELS, "model", self.model, f"one of {list(MODELS)}"),
+            (self.loss in LOSSES, "loss", self.loss, f"one of {list(LOSSES)}"),
+            (len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), "hidden", self.hidden, "widths >= 1"),
+            (self.train_subset >= 0, "train_subset", self.train_subset, "an integer >= 0 (0: all)"),
+            (self.sharpness_every_steps >= 0, "sharpness_every_steps", self.sharpness_every_steps, "an integer >= 0"),
+            (self.log_every >= 1, "log_every", self.log_every, "an integer >= 1"),
             (isinstance(self.width, int) and self.width >= 1, "width", self.width, "an integer >= 1"),
             (self.dataset in DATASETS, "dataset", self.dataset, f"one of {list(DATASETS)}"),
             (self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"one of {list(OPTIMIZERS)}"),
@@ -83,7 +101,10 @@ class RunConfig:
     @property
     def run_id(self) -> str:
         """Readable, unique within a study: depth, width, method, δ, step size, seed."""
-        parts = [f"d{self.depth}", f"w{self.width}", self.optimizer, self.method]
+        if self.model == "mlp":
+            parts = ["mlp" + "x".join(str(h) for h in self.hidden), self.optimizer, self.method]
+        else:
+            parts = [f"d{self.depth}", f"w{self.width}", self.optimizer, self.method]
         if self.method == "dgclip":
             parts.append(f"delta{format_number(self.delta)}")
         parts += [f"lr{format_number(self.lr)}", f"s{self.seed}"]
@@ -97,12 +118,14 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["milestones"] = list(self.milestones)
+        data["hidden"] = list(self.hidden)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
         data = dict(data)
         data["milestones"] = tuple(data.get("milestones", ()))
+        data["hidden"] = tuple(data.get("hidden", (200, 200)))
         return cls(**data)
 
 

@@ -9,6 +9,14 @@ CPU cores. γ stays 0.1: on digits the mini-batch gradient norm of these ResNets
 mostly between 0.1 and 10, so γ/‖g‖ lies between 0.01 and 1. The floor δ = 0.01 then
 almost never binds, while δ = 0.2 and δ = 0.9 bind in most epochs, which shows the
 floor both inactive and active, as in the CIFAR-10 study.
+
+The ``sharpness`` study repeats the edge-of-stability experiment of Cohen et al.
+(2021, "Gradient descent on neural networks typically occurs at the edge of
+stability"): full-batch gradient descent on a fixed training subset with a tanh MLP
+and the squared loss, at several step sizes, with λ_max of the full-batch loss
+measured every few steps. Its ``quick`` preset uses 1,000 digits images; at the
+default PyTorch initialization λ_max starts near 19, below every 2/η of the preset
+(25 to 40), so each run first sharpens and then hovers at 2/η.
 """
 
 from __future__ import annotations
@@ -55,6 +63,54 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                 sharpness_batch=1024,
                 sharpness_max_iter=50,
                 sharpness_tol=1e-3,
+            ),
+        },
+    },
+    "sharpness": {
+        "quick": {
+            "methods": ("sgd",),
+            "lrs": (0.05, 0.065, 0.08),
+            "base": dict(
+                model="mlp",
+                hidden=(200, 200),
+                activation="tanh",
+                loss="mse",
+                dataset="digits",
+                train_subset=1000,
+                batch_size=1000,
+                epochs=1500,
+                momentum=0.0,
+                weight_decay=0.0,
+                sharpness_every=0,
+                sharpness_every_steps=25,
+                sharpness_batch=1000,
+                sharpness_max_iter=40,
+                sharpness_tol=1e-3,
+                log_every=250,
+            ),
+        },
+        "paper": {
+            # NOTE: step sizes follow the 2/η = 30..90 range of Cohen et al.'s CIFAR-5k
+            # MLP runs; this preset has not been run to completion here.
+            "methods": ("sgd",),
+            "lrs": (2 / 30, 2 / 60, 2 / 90),
+            "base": dict(
+                model="mlp",
+                hidden=(200, 200),
+                activation="tanh",
+                loss="mse",
+                dataset="cifar10",
+                train_subset=5000,
+                batch_size=5000,
+                epochs=10000,
+                momentum=0.0,
+                weight_decay=0.0,
+                sharpness_every=0,
+                sharpness_every_steps=50,
+                sharpness_batch=5000,
+                sharpness_max_iter=50,
+                sharpness_tol=1e-3,
+                log_every=500,
             ),
         },
     },

@@ -16,6 +16,7 @@ from torch import nn
 
 from dynamics.clipping import DeltaGClip
 from dynamics.data import ImageDataset, TensorLoader, load_dataset
+from dynamics.losses import build_loss
 from dynamics.models import build_model
 from dynamics.trainer import TrainConfig, Trainer, TrainResult, select_device
 from probes.gradients import ClipActivityProbe, GradNormProbe, UpdateMagnitudeProbe
@@ -69,19 +70,37 @@ def sharpness_batch(dataset: ImageDataset, loader: TensorLoader, size: int, seed
     return loader.prepare(dataset.train_x[index], augment=False), dataset.train_y[index]
 
 
+def training_subset(dataset: ImageDataset, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the first ``size`` images of a fixed permutation (seed 0), or all for size 0."""
+    if size <= 0 or size >= len(dataset.train_y):
+        return dataset.train_x, dataset.train_y
+    index = torch.randperm(len(dataset.train_y), generator=torch.Generator().manual_seed(0))[:size]
+    index = index.to(dataset.train_y.device)
+    return dataset.train_x[index], dataset.train_y[index]
+
+
+def _build_model(config: RunConfig, dataset: ImageDataset) -> nn.Module:
+    if config.model == "mlp":
+        in_features = dataset.train_x[0].numel()
+        return build_model("mlp", in_features=in_features, hidden=tuple(config.hidden), num_classes=dataset.num_classes,
+                           activation=config.activation)
+    return build_model(config.model, depth=config.depth, width=config.width, in_channels=dataset.in_channels,
+                       num_classes=dataset.num_classes)
+
+
 def build_trainer(config: RunConfig, dataset: ImageDataset, device: torch.device, progress: bool | None = None) -> Trainer:
     """Build model, optimizer, loaders, probes and trainer for one run, seeded by ``config.seed``."""
     torch.manual_seed(config.seed)
-    model = build_model(
-        config.model, depth=config.depth, width=config.width, in_channels=dataset.in_channels, num_classes=dataset.num_classes
-    ).to(device)
+    model = _build_model(config, dataset).to(device)
     optimizer = build_optimizer(config, model)
+    train_x, train_y = training_subset(dataset, config.train_subset)
     train_loader = TensorLoader(
-        dataset.train_x, dataset.train_y, config.batch_size, shuffle=True, augment=dataset.augment,
+        train_x, train_y, min(config.batch_size, len(train_y)), shuffle=True, augment=dataset.augment,
         mean=dataset.mean, std=dataset.std, seed=config.seed,
     )
     test_loader = TensorLoader(dataset.test_x, dataset.test_y, 1024, mean=dataset.mean, std=dataset.std)
-    inputs, targets = sharpness_batch(dataset, train_loader, config.sharpness_batch, config.seed + 1)
+    subset = ImageDataset(dataset.name, train_x, train_y, dataset.test_x, dataset.test_y, dataset.num_classes, False)
+    inputs, targets = sharpness_batch(subset, train_loader, config.sharpness_batch, config.seed + 1)
     probes = [
         GradNormProbe(),
         ClipActivityProbe(),
@@ -89,14 +108,19 @@ def build_trainer(config: RunConfig, dataset: ImageDataset, device: torch.device
         SharpnessProbe(
             inputs, targets,
             every_epochs=config.sharpness_every,
+            every_steps=config.sharpness_every_steps,
             momentum=config.momentum if config.optimizer == "sgd" else 0.0,
             max_iter=config.sharpness_max_iter,
             tol=config.sharpness_tol,
             seed=config.seed + 2,
         ),
     ]
-    train_config = TrainConfig(epochs=config.epochs, milestones=config.milestones, lr_factor=config.lr_factor, progress=progress)
-    return Trainer(model, nn.CrossEntropyLoss(), train_loader, test_loader, optimizer, train_config, probes, device, config.run_id)
+    train_config = TrainConfig(
+        epochs=config.epochs, milestones=config.milestones, lr_factor=config.lr_factor, progress=progress,
+        log_every=config.log_every,
+    )
+    loss_fn = build_loss(config.loss)
+    return Trainer(model, loss_fn, train_loader, test_loader, optimizer, train_config, probes, device, config.run_id)
 
 
 def summarize_run(config: RunConfig, result: TrainResult, frames: dict[str, pd.DataFrame], device: torch.device) -> dict:
@@ -105,7 +129,8 @@ def summarize_run(config: RunConfig, result: TrainResult, frames: dict[str, pd.D
     row = {
         "run_id": config.run_id,
         "study": config.study,
-        "model": config.model,
+        "model": config.model if config.model != "mlp" else "mlp" + "x".join(str(h) for h in config.hidden),
+        "loss": config.loss,
         "depth": config.depth,
         "width": config.width,
         "dataset": config.dataset,
@@ -138,6 +163,8 @@ def summarize_run(config: RunConfig, result: TrainResult, frames: dict[str, pd.D
         row["delta_active_step_fraction"] = steps["delta_active"].mean()
         row["clip_active_step_fraction"] = steps["clip_active"].mean()
     final = sharpness[sharpness["threshold_kind"] == "2/h"].tail(1) if not sharpness.empty else sharpness
+    events = frames.get("probe_events", pd.DataFrame())
+    row["sharpness_disabled_reason"] = events["reason"].iloc[0] if not events.empty else ""
     for column, source in (("final_lambda_max", "lambda_max"), ("final_effective_lr", "effective_lr"),
                            ("final_threshold", "threshold"), ("final_deviation", "deviation")):
         row[column] = final[source].iloc[0] if len(final) else np.nan
@@ -155,7 +182,7 @@ def execute_run(config: RunConfig, dataset: ImageDataset, store: RunStore, progr
     log.info("run %s: %s", config.run_id, config.to_dict())
     trainer = build_trainer(config, dataset, device, progress)
     result = trainer.fit()
-    frames = {name: pd.DataFrame(result.recorder.rows(name)) for name in ("steps", "epochs", "sharpness", "grad_hist")}
+    frames = {name: pd.DataFrame(result.recorder.rows(name)) for name in ("steps", "epochs", "sharpness", "grad_hist", "probe_events")}
     row = summarize_run(config, result, frames, device)
     frames["runs"] = pd.DataFrame([row])
     store.write_run(

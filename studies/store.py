@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-FRAMES = ("runs", "steps", "epochs", "sharpness", "grad_hist")
+FRAMES = ("runs", "steps", "epochs", "sharpness", "grad_hist", "probe_events")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
