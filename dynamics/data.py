@@ -150,10 +150,11 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"corrupt CIFAR-10 batch {path}: data has dtype {data.dtype} and shape {data.shape}, "
             f"expected uint8 (N, 3072); {fix}"
         )
-    if labels.shape != (data.shape[0],) or labels.size == 0 or labels.min() < 0 or labels.max() > 9:
+    if labels.shape != (data.shape[0],) or labels.size == 0:
+        raise DatasetError(f"corrupt CIFAR-10 batch {path}: {labels.size} labels for {data.shape[0]} images; {fix}")
+    if labels.min() < 0 or labels.max() > 9:
         raise DatasetError(
-            f"corrupt CIFAR-10 batch {path}: {labels.size} labels for {data.shape[0]} images, "
-            f"or labels outside 0..9; {fix}"
+            f"corrupt CIFAR-10 batch {path}: labels range {labels.min()}..{labels.max()}, expected 0..9; {fix}"
         )
     return data.reshape(-1, 3, 32, 32), labels
 

@@ -64,13 +64,34 @@ def _select(frame: pd.DataFrame, key: tuple[str, float | None]) -> pd.DataFrame:
     return frame[(frame["method"] == key[0]) & delta]
 
 
-def _palette(keys: list[tuple[str, float]]) -> dict[tuple[str, float], tuple]:
-    colors = sns.color_palette("colorblind", n_colors=max(len(keys), 1))
-    return {key: colors[i % len(colors)] for i, key in enumerate(keys)}
+# Fixed colours, so a method has the same colour in every study: SGD and GClip first,
+# then the δ values of the reference sweep; other δ values take the remaining colours.
+STANDARD_DELTAS = (0.01, 0.03, 0.08, 0.2, 0.45, 0.9)
+
+
+def _palette(keys: list[tuple[str, float | None]]) -> dict[tuple[str, float | None], tuple]:
+    colors = sns.color_palette("colorblind", n_colors=10)
+    fixed = {("sgd", None): colors[7], ("gclip", None): colors[3]}
+    for index, delta in zip((0, 1, 2, 4, 5, 8), STANDARD_DELTAS):
+        fixed[("dgclip", delta)] = colors[index]
+    spare = [colors[6], colors[9]]
+    palette = {}
+    for key in keys:
+        if key in fixed:
+            palette[key] = fixed[key]
+        else:
+            palette[key] = spare[len([k for k in palette if k not in fixed]) % len(spare)]
+    return palette
 
 
 def _linestyle(method: str) -> str:
     return {"sgd": ":", "gclip": "--"}.get(method, "-")
+
+
+def _zorder(method: str) -> int:
+    # Baselines are dashed and drawn on top, so a δ-GClip run identical to them
+    # (a floor that never binds) does not hide them.
+    return {"sgd": 4, "gclip": 3}.get(method, 2)
 
 
 def _panels(count: int, ncols_max: int = 3, sharey: bool = True):
@@ -118,7 +139,8 @@ def lines_by_depth(
                 line = line.groupby(x, as_index=False)[y].mean().sort_values(x)
                 values, masked = (log_mask(line[y]) if log_y else (line[y].to_numpy(float), 0))
                 masked_total += masked
-                ax.plot(line[x], values, label=method_label(*key), color=palette[key], linestyle=_linestyle(key[0]))
+                ax.plot(line[x], values, label=method_label(*key), color=palette[key], linestyle=_linestyle(key[0]),
+                        marker="o", markersize=2, zorder=_zorder(key[0]))
             if log_y:
                 ax.set_yscale("log")
             note_masked(ax, masked_total)
@@ -147,13 +169,13 @@ def lambda_vs_threshold_figure(sharpness: pd.DataFrame, runs: pd.DataFrame) -> p
     """Every λ_max measurement against its 2/h, one colour per method, with the line λ = 2/h."""
     with plt.rc_context(STYLE):
         data = _with_method(sharpness[sharpness["threshold_kind"] == "2/h"], runs) if not sharpness.empty else sharpness
-        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, COLUMN_WIDTH * 0.85))
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH * 1.35, COLUMN_WIDTH * 0.85))
         if data.empty:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
             return fig
         keys = _method_keys(data)
         palette = _palette(keys)
-        markers = dict(zip(sorted(data["depth"].unique()), "os^Dvp<>h*"))
+        markers = dict(zip(sorted(data["depth"].unique()), "o^sDvp<>h*"))
         x_all, x_masked = log_mask(data["threshold"])
         y_all, y_masked = log_mask(data["lambda_max"])
         data = data.assign(_x=x_all, _y=y_all)
@@ -161,21 +183,26 @@ def lambda_vs_threshold_figure(sharpness: pd.DataFrame, runs: pd.DataFrame) -> p
             for depth, marker in markers.items():
                 points = _select(data, key)
                 points = points[points["depth"] == depth]
-                ax.scatter(points["_x"], points["_y"], s=9, marker=marker, color=palette[key], alpha=0.8, linewidths=0,
-                           label=method_label(*key) if depth == min(markers) else None)
-        finite = np.concatenate([x_all[np.isfinite(x_all)], y_all[np.isfinite(y_all)]])
-        if finite.size:
-            low, high = finite.min() / 1.5, finite.max() * 1.5
-            ax.plot([low, high], [low, high], color="0.3", linewidth=0.8, linestyle="--", label=r"$\lambda_{\max} = 2/h$")
+                ax.scatter(points["_x"], points["_y"], s=12, marker=marker, color=palette[key], alpha=0.8, linewidths=0)
+        finite_x, finite_y = x_all[np.isfinite(x_all)], y_all[np.isfinite(y_all)]
+        if finite_x.size and finite_y.size:
+            # The line λ = 2/h over the part of the plot that holds data.
+            low = max(finite_x.min(), finite_y.min()) / 1.2
+            high = min(finite_x.max(), finite_y.max()) * 1.2
+            if low < high:
+                ax.plot([low, high], [low, high], color="0.3", linewidth=0.8, linestyle="--")
+        handles = [plt.Line2D([], [], color=palette[key], marker="o", linestyle="", markersize=4, label=method_label(*key))
+                   for key in keys]
+        handles += [plt.Line2D([], [], color="0.4", marker=marker, linestyle="", markersize=4, label=f"depth {depth}")
+                    for depth, marker in markers.items()]
+        handles.append(plt.Line2D([], [], color="0.3", linestyle="--", linewidth=0.8, label=r"$\lambda_{\max} = 2/h$"))
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(r"stability threshold $2/h$")
         ax.set_ylabel(r"$\lambda_{\max}$")
         note_masked(ax, max(x_masked, y_masked))
-        marker_note = ", ".join(f"{m} depth {d}" for d, m in markers.items())
-        ax.set_title(f"markers: {marker_note}", fontsize=6)
         ax.grid(alpha=0.3, linewidth=0.5)
-        ax.legend(frameon=False, fontsize=6, loc="best")
+        ax.legend(handles=handles, frameon=False, fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
         fig.tight_layout()
         return fig
 
@@ -185,18 +212,22 @@ def accuracy_vs_delta_figure(runs: pd.DataFrame) -> plt.Figure:
     with plt.rc_context(STYLE):
         completed = runs[runs["status"] == "completed"]
         depths = sorted(completed["depth"].unique())
-        fig, axes = _panels(len(depths) or 1, sharey=False)
-        colors = sns.color_palette("colorblind", 3)
+        fig, axes = _panels(len(depths) or 1, sharey=True)
+        palette = _palette([("sgd", None), ("gclip", None)])
         for ax, depth in zip(axes, depths):
             panel = completed[completed["depth"] == depth]
             delta_runs = panel[panel["method"] == "dgclip"].sort_values("delta")
             deltas, masked = log_mask(delta_runs["delta"])
-            ax.plot(deltas, delta_runs["final_test_acc"], marker="o", markersize=3, color=colors[0], label="δ-GClip")
-            for method, color, style in (("gclip", colors[1], "--"), ("sgd", colors[2], ":")):
+            if np.isfinite(deltas).any():
+                ax.plot(deltas, delta_runs["final_test_acc"], marker="o", markersize=3, color="0.15", label="δ-GClip", zorder=2)
+                ax.set_xscale("log")
+            else:
+                ax.text(0.5, 0.5, "no δ-GClip run with δ > 0", ha="center", va="center", transform=ax.transAxes, fontsize=6)
+            for method in ("gclip", "sgd"):
                 baseline = panel[panel["method"] == method]
                 if len(baseline):
-                    ax.axhline(baseline["final_test_acc"].iloc[0], color=color, linestyle=style, label=method_label(method, None))
-            ax.set_xscale("log")
+                    ax.axhline(baseline["final_test_acc"].iloc[0], color=palette[(method, None)], linestyle=_linestyle(method),
+                               label=method_label(method, None), zorder=_zorder(method))
             note_masked(ax, masked)
             ax.set_title(f"depth {depth}")
             ax.set_xlabel("δ")
@@ -213,6 +244,6 @@ def save_figure(fig: plt.Figure, directory: Path, name: str) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / f"{name}.png", directory / f"{name}.pdf"]
     for path in paths:
-        fig.savefig(path)
+        fig.savefig(path, dpi=300, bbox_inches="tight")
     plt.close(fig)
     return paths

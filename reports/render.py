@@ -19,15 +19,26 @@ class ReportError(RuntimeError):
     """A study directory contains no frames to report on."""
 
 
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise ReportError(f"corrupt frame {path}: {error}; delete it and rerun the study command to rewrite it") from error
+
+
 def read_frames(directory: Path) -> dict[str, pd.DataFrame]:
     """Read ``frames/*.parquet``, or concatenate ``runs/*/*.parquet`` when those are absent."""
+    if not directory.exists():
+        raise ReportError(f"study directory {directory} not found; pass the --out of an `eos study` command")
+    if not directory.is_dir():
+        raise ReportError(f"{directory} is a file; pass the study directory (the --out of `eos study`)")
     frames = {}
     for name in FRAME_NAMES:
         path = directory / "frames" / f"{name}.parquet"
         if path.is_file():
-            frames[name] = pd.read_parquet(path)
+            frames[name] = _read_parquet(path)
             continue
-        parts = [pd.read_parquet(p) for p in sorted(directory.glob(f"runs/*/{name}.parquet"))]
+        parts = [_read_parquet(p) for p in sorted(directory.glob(f"runs/*/{name}.parquet"))]
         parts = [p for p in parts if not p.empty]
         frames[name] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     if frames["runs"].empty:

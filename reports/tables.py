@@ -89,7 +89,11 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def sharpness_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Return final λ_max, h, 2/h and |λ_max − 2/h| per run, grouped by method then depth."""
+    """Return final λ_max, h, 2/h and |λ_max − 2/h| per run, grouped by method then depth.
+
+    2/h is the threshold of the reference tables; for heavy-ball momentum β the
+    ``threshold_momentum`` columns give (2+2β)/h, the edge that momentum SGD obeys.
+    """
     table = runs.assign(_method=runs["method"].map(METHOD_ORDER).fillna(9), _delta=runs["delta"].fillna(-1))
     table = table.sort_values(["_method", "_delta", "depth", "width"])
     return pd.DataFrame(
@@ -102,6 +106,9 @@ def sharpness_table(runs: pd.DataFrame) -> pd.DataFrame:
             "h": table["final_effective_lr"],
             "threshold_2_over_h": table["final_threshold"],
             "deviation": table["final_deviation"],
+            "momentum": table["momentum"],
+            "threshold_momentum": table.get("final_threshold_momentum"),
+            "deviation_momentum": table.get("final_deviation_momentum"),
         }
     ).reset_index(drop=True)
 
@@ -112,9 +119,31 @@ def write_table(table: pd.DataFrame, directory: Path, name: str, caption: str) -
     paths = [directory / f"{name}.{suffix}" for suffix in ("csv", "md", "tex")]
     table.to_csv(paths[0], index=False)
     paths[1].write_text(to_markdown(table) + "\n")
-    latex = table.to_latex(index=False, float_format=lambda x: f"{x:.4g}", na_rep="--", caption=caption, label=f"tab:{name}")
+    latex = table.to_latex(
+        index=False, float_format=lambda x: f"{x:.4g}", na_rep="--", caption=latex_text(caption), label=f"tab:{name}",
+        escape=True,
+    )
     paths[2].write_text(latex)
     return paths
+
+
+LATEX_REPLACEMENTS = [
+    ("λ_max", r"$\lambda_{\max}$"), ("λ1/λ2", r"$\lambda_1/\lambda_2$"), ("δ*", r"$\delta^*$"), ("δ", r"$\delta$"),
+    ("η", r"$\eta$"), ("β", r"$\beta$"), ("γ", r"$\gamma$"), ("·", r"$\cdot$"), ("−", "-"), ("|", r"$|$"),
+    ("%", r"\%"), ("_", r"\_"), ("&", r"\&"),
+]
+
+
+def latex_text(text: str) -> str:
+    """Rewrite a caption with Unicode math and special characters for LaTeX."""
+    placeholders = {}
+    for index, (plain, latex) in enumerate(LATEX_REPLACEMENTS):
+        token = f"\x00{index}\x00"
+        placeholders[token] = latex
+        text = text.replace(plain, token)
+    for token, latex in placeholders.items():
+        text = text.replace(token, latex)
+    return text
 
 
 def to_markdown(table: pd.DataFrame) -> str:

@@ -7,12 +7,14 @@ status 2 and a message naming the value and the valid form.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from dynamics.data import DATASETS, DatasetError, find_cifar10
+from dynamics.data import DATASETS, DatasetError
 from dynamics.models import check_depth
 from studies.presets import PRESETS, build_study
 
@@ -21,15 +23,28 @@ log = logging.getLogger("eos")
 STUDY_KINDS = tuple(PRESETS)
 
 
+LIST_EXAMPLES = {
+    "depth": "8,14,20", "width": "1,2,4", "delta": "0.01,0.2,0.9", "method": "sgd,gclip,dgclip",
+    "milestone": "80,120", "lr": "0.05,0.1",
+}
+
+
 def _list_of(kind: Callable[[str], object], name: str) -> Callable[[str], tuple]:
+    """Return an argparse type that parses a comma-separated list of ``kind``."""
+    expected = f"expected comma-separated values like {LIST_EXAMPLES[name]}"
+
     def parse(text: str) -> tuple:
         items = [item.strip() for item in text.split(",")]
         if not text.strip() or any(not item for item in items):
-            raise argparse.ArgumentTypeError(f"invalid {name} list {text!r}: expected comma-separated values like 8,14,20")
-        try:
-            return tuple(kind(item) for item in items)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(f"invalid {name} list {text!r}: {error}") from None
+            raise argparse.ArgumentTypeError(f"invalid {name} list {text!r}: empty item; {expected}")
+        values = []
+        for item in items:
+            try:
+                values.append(kind(item))
+            except ValueError as error:
+                detail = str(error) if name == "depth" and "6n+2" in str(error) else f"{item!r} is not a valid {name}"
+                raise argparse.ArgumentTypeError(f"invalid {name} list {text!r}: {detail}; {expected}") from None
+        return tuple(values)
 
     return parse
 
@@ -38,25 +53,34 @@ def _depth(text: str) -> int:
     return check_depth(int(text)) * 6 + 2
 
 
+def _method(text: str) -> str:
+    if text not in ("sgd", "gclip", "dgclip"):
+        raise ValueError(text)
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eos", description="Edge-of-stability studies of δ-GClip.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     study = commands.add_parser("study", help="run a study into a directory and render its report")
     study.add_argument("kind", choices=STUDY_KINDS, help="which study to run")
-    study.add_argument("--preset", default="quick", help="named settings: quick (CPU minutes) or paper (GPU hours)")
+    study.add_argument("--preset", default="quick",
+                       help="named settings: quick (CPU minutes, the default) or paper (GPU hours)")
     study.add_argument("--out", type=Path, help="study directory (default: eos-results/KIND-PRESET)")
     study.add_argument("--depths", type=_list_of(_depth, "depth"), help="ResNet depths 6n+2, e.g. 8,14,20")
     study.add_argument("--widths", type=_list_of(int, "width"), help="width multipliers k >= 1, e.g. 1,2")
     study.add_argument("--deltas", type=_list_of(float, "delta"), help="δ-GClip floors in [0, 1], e.g. 0.01,0.2,0.9")
-    study.add_argument("--methods", type=_list_of(str, "method"), help="subset of sgd,gclip,dgclip")
+    study.add_argument("--methods", type=_list_of(_method, "method"), help="subset of sgd,gclip,dgclip")
     study.add_argument("--gamma", type=float, help="clipping threshold γ > 0 (gradient-norm units)")
     study.add_argument("--lr", type=_list_of(float, "lr"), help="base learning rate η > 0; several values sweep it")
     study.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), help="optimizer that δ-GClip wraps")
     study.add_argument("--momentum", type=float, help="heavy-ball momentum β in [0, 1)")
     study.add_argument("--weight-decay", type=float, help="L2 weight decay >= 0")
-    study.add_argument("--epochs", type=int, help="training epochs >= 1")
-    study.add_argument("--milestones", type=_list_of(int, "milestone"), help="epochs after which η is multiplied by 0.1")
+    study.add_argument("--epochs", type=int,
+                       help="training epochs >= 1; without --milestones the preset's decay epochs are scaled to match")
+    study.add_argument("--milestones", type=_list_of(int, "milestone"),
+                       help="distinct epochs after which η is multiplied by 0.1")
     study.add_argument("--batch-size", type=int, help="training batch size")
     study.add_argument("--dataset", choices=DATASETS, help="digits (embedded) or cifar10")
     study.add_argument("--data-root", type=Path, help="folder holding cifar-10-batches-py/ (cifar10 only)")
@@ -101,27 +125,42 @@ def _prepare_study(args: argparse.Namespace, parser: argparse.ArgumentParser):
             overrides["milestones"] = tuple(
                 sorted({max(1, round(m * overrides["epochs"] / old_epochs)) for m in old_milestones})
             ) if overrides["epochs"] > 1 else ()
+    milestones = overrides.get("milestones", ())
+    if len(set(milestones)) != len(milestones):
+        parser.error(f"invalid --milestones {','.join(map(str, milestones))}: each epoch may appear once "
+                     "(a repeated milestone would multiply η by 0.1 twice)")
+    if milestones:
+        overrides["milestones"] = tuple(sorted(milestones))
     try:
         study = build_study(args.kind, args.preset, overrides)
         runs = study.runs()
-        for method in study.methods:
-            if method not in ("sgd", "gclip", "dgclip"):
-                raise ValueError(f"invalid method {method!r}: expected a subset of sgd,gclip,dgclip")
         from dynamics.trainer import select_device
 
         select_device(study.base.device)
     except ValueError as error:
         parser.error(str(error))
-    if study.base.dataset == "cifar10" and not args.download:
-        root = Path(study.base.data_root or "data")
-        if find_cifar10(root) is None:
-            parser.error(
-                f"CIFAR-10 not found under {root}: pass --data-root with the folder that holds "
-                "cifar-10-batches-py/, or add --download"
-            )
+    if args.data_root is not None and study.base.dataset != "cifar10":
+        parser.error(f"invalid --data-root {args.data_root}: it applies to --dataset cifar10 only "
+                     f"(this study uses {study.base.dataset})")
     out = args.out or Path("eos-results") / f"{args.kind}-{args.preset}"
-    if out.exists() and not out.is_dir():
-        parser.error(f"invalid --out {out}: it is a file; pass a directory path")
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            parser.error(f"invalid --out {out}: {path} is a file; pass a directory path")
+        if path.exists():
+            if not os.access(path, os.W_OK):
+                parser.error(f"invalid --out {out}: {path} is not writable; pass a writable directory")
+            break
+    study_file = out / "study.json"
+    if study_file.is_file():
+        try:
+            previous = json.loads(study_file.read_text())
+        except ValueError:
+            previous = None
+        if previous != json.loads(json.dumps(study.to_dict())):
+            parser.error(
+                f"invalid --out {out}: it holds a study with different settings (see {study_file}); "
+                "rerun with the same options to resume it, or pass a new --out"
+            )
     return study, runs, out
 
 
@@ -145,20 +184,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     study, runs, out = _prepare_study(args, parser)
     from studies.runner import run_study  # imports torch; after validation for a fast --help
 
-    log.info("study %s (preset %s): %d runs into %s", study.name, study.preset, len(runs), out)
-    if args.download and study.base.dataset == "cifar10":
-        from dynamics.data import load_cifar10_dataset
+    from dynamics.data import load_dataset
 
-        try:
-            load_cifar10_dataset(study.base.data_root or "data", download=True)
-        except DatasetError as error:
-            log.error("%s", error)
-            return 1
+    # Load (and, for CIFAR-10, verify) the data before anything is written.
     try:
-        run_study(study, out, progress=False if args.no_progress else None)
+        dataset = load_dataset(study.base.dataset, study.base.data_root, download=args.download)
     except DatasetError as error:
-        log.error("%s", error)
-        return 1
+        parser.error(str(error))
+    log.info("study %s (preset %s): %d runs into %s", study.name, study.preset, len(runs), out)
+    try:
+        run_study(study, out, progress=False if args.no_progress else None, dataset=dataset)
+    except KeyboardInterrupt:
+        log.error("interrupted: finished runs are kept in %s; rerun the same command to resume", out)
+        return 130
     from reports import render_report
 
     print(render_report(out))

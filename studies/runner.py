@@ -163,6 +163,9 @@ def summarize_run(config: RunConfig, result: TrainResult, frames: dict[str, pd.D
         row["delta_active_step_fraction"] = steps["delta_active"].mean()
         row["clip_active_step_fraction"] = steps["clip_active"].mean()
     final = sharpness[sharpness["threshold_kind"] == "2/h"].tail(1) if not sharpness.empty else sharpness
+    momentum_rows = sharpness[sharpness["threshold_kind"] == "(2+2β)/h"].tail(1) if not sharpness.empty else sharpness
+    row["final_threshold_momentum"] = momentum_rows["threshold"].iloc[0] if len(momentum_rows) else np.nan
+    row["final_deviation_momentum"] = momentum_rows["deviation"].iloc[0] if len(momentum_rows) else np.nan
     events = frames.get("probe_events", pd.DataFrame())
     row["sharpness_disabled_reason"] = events["reason"].iloc[0] if not events.empty else ""
     for column, source in (("final_lambda_max", "lambda_max"), ("final_effective_lr", "effective_lr"),
@@ -192,12 +195,20 @@ def execute_run(config: RunConfig, dataset: ImageDataset, store: RunStore, progr
     return row
 
 
-def run_study(study: StudyConfig, out: str | Path, progress: bool | None = None) -> RunStore:
-    """Run every run of ``study`` into ``out``, skipping runs already finished with the same config."""
+def run_study(
+    study: StudyConfig, out: str | Path, progress: bool | None = None, dataset: ImageDataset | None = None
+) -> RunStore:
+    """Run every run of ``study`` into ``out``, skipping runs already finished with the same config.
+
+    ``dataset``, when given, is used for the runs whose dataset it is (the CLI loads and
+    verifies it before writing anything).
+    """
     store = RunStore(out)
     runs = study.runs()
     store.write_study(study.to_dict())
     datasets: dict[tuple, ImageDataset] = {}
+    if dataset is not None:
+        datasets[(study.base.dataset, study.base.data_root)] = dataset
     for index, config in enumerate(runs, 1):
         if store.finished(config.run_id, config.to_dict()):
             log.info("[%d/%d] %s already finished, skipped", index, len(runs), config.run_id)

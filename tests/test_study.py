@@ -132,3 +132,77 @@ def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "studies.cli", "study", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "--deltas" in result.stdout
+
+
+def test_study_without_dgclip_renders_report(tmp_path):
+    """A grid with no δ-GClip run used to crash the accuracy-vs-δ figure on an empty log axis."""
+    out = tmp_path / "gclip-only"
+    args = ["study", "depth", "--depths", "8", "--methods", "gclip", "--epochs", "1", "--sharpness-every", "0",
+            "--sharpness-batch", "16", "--batch-size", "512", "--no-progress", "-q", "--out", str(out)]
+    assert main(args) == 0
+    assert (out / "figures" / "accuracy_vs_delta.png").is_file()
+    assert (out / "report.md").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--epochs", "4", "--milestones", "1,1"], "each epoch may appear once"),
+        (["--data-root", "/tmp"], "applies to --dataset cifar10 only"),
+        (["--lr", "inf"], "a finite number > 0"),
+        (["--deltas", "0.2,x"], "'x' is not a valid delta"),
+        (["--methods", "sgd,adam"], "'adam' is not a valid method"),
+    ],
+)
+def test_more_invalid_options_exit_2(tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", "depth", *extra, "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_out_below_a_file_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", "depth", "--out", str(blocker / "sub" / "dir")])
+    assert exit_info.value.code == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_corrupt_cifar_exits_2_and_writes_nothing(tmp_path, capsys):
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    (folder / "data_batch_1").write_bytes(b"not a pickle")
+    (folder / "test_batch").write_bytes(b"not a pickle")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", "depth", "--dataset", "cifar10", "--data-root", str(tmp_path / "cifar"), "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert "corrupt CIFAR-10 batch" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_out_with_other_study_settings_exits_2(study_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", "depth", *TINY[:-1], "--epochs", "3", "--out", str(study_dir)])
+    assert exit_info.value.code == 2
+    assert "different settings" in capsys.readouterr().err
+
+
+def test_report_on_corrupt_frame_exits_2(tmp_path, capsys):
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "runs.parquet").write_bytes(b"garbage")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "corrupt frame" in capsys.readouterr().err
+
+
+def test_latex_tables_escape_names_and_math(study_dir):
+    latex = (study_dir / "tables" / "sharpness.tex").read_text()
+    assert r"threshold\_2\_over\_h" in latex
+    assert r"$\lambda_{\max}$" in latex
+    assert "λ" not in latex
