@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import time
@@ -157,17 +156,24 @@ def product_ratios(model, loss_fn, inputs, targets, repeats):
     return ratios
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
 def memory_child(which: str, data_root: str | None) -> None:
-    """Print the growth of peak RSS (KiB) during one solve; runs in a fresh process."""
+    """Print peak RSS growth (KiB) during one 30-product solve; runs in a fresh process (Linux)."""
     model, loss_fn, inputs, targets, _, _ = make_problem(data_root)
     model.eval()
-    torch.autograd.grad(loss_fn(model(inputs), targets), list(model.parameters()))  # allocator warm-up
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    before = _status_kib("VmRSS")
     if which == "ours":
         ours_trace(model, loss_fn, inputs, targets, "double_backward", max_iter=30)
     else:
         pyhessian_trace(model, loss_fn, inputs, targets, max_iter=30)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+    print(_status_kib("VmHWM") - before)
 
 
 def memory_ratio(data_root: str | None) -> tuple[float, dict]:

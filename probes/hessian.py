@@ -206,7 +206,7 @@ class HessianOperator:
 
 
 def has_delayed_error(roots: Sequence[torch.Tensor]) -> bool:
-    """Whether a gradient graph contains the node that ``@once_differentiable`` plants.
+    """Check whether a gradient graph contains the node that ``@once_differentiable`` plants.
 
     That node hangs off detached copies, so a second derivative taken with respect to
     the parameters never runs it: autograd silently drops its contribution instead of
@@ -219,7 +219,8 @@ def has_delayed_error(roots: Sequence[torch.Tensor]) -> bool:
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        if type(node).__name__ in ("Error", "DelayedError"):  # the node's class name varies by torch version
+        # torch 2.13 names the planted node's class "Error"; "DelayedError" is its C++ name.
+        if type(node).__name__ in ("Error", "DelayedError"):
             return True
         stack.extend(child for child, _ in node.next_functions)
     return False
@@ -294,7 +295,9 @@ class EigenEstimate:
     @property
     def gap_ratio(self) -> float:
         """λ1/λ2, the usual warning sign for a slowly converging estimate when near 1."""
-        return self.lambda_max / self.lambda_2 if self.lambda_2 not in (0.0,) and math.isfinite(self.lambda_2) else math.nan
+        if self.lambda_2 == 0 or not math.isfinite(self.lambda_2):
+            return math.nan
+        return self.lambda_max / self.lambda_2
 
 
 def _random_start(dim: int, generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
@@ -317,7 +320,8 @@ def lanczos(
     Every new Lanczos vector is reorthogonalized against all previous ones (twice),
     so no spurious copies of converged eigenvalues appear. The iteration stops when
     each of the top k Ritz pairs has residual at most ``tol``·|θ|, when the Krylov
-    space becomes invariant, or after ``max_iter`` products; ``converged`` says which.
+    space becomes invariant, or after ``max_iter`` products; ``converged`` is False
+    only in the last case.
     ``start`` (for example the previous estimate's eigenvector) seeds the Krylov
     space; without it a Gaussian vector is drawn from ``generator``. ``callback(j, θ)``
     sees the top Ritz value after each product (benchmarks use it).
