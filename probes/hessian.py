@@ -291,6 +291,7 @@ class EigenEstimate:
     lambda_2: float = math.nan
     eigenvalues: list[float] = field(default_factory=list)
     method: str = ""
+    dropout: str = "absent"  # "disabled" when the solve switched dropout layers off
 
     @property
     def gap_ratio(self) -> float:
@@ -484,11 +485,12 @@ def top_eigenvalue(
         apply = lambda v: scale * operator(scale * v)  # noqa: E731
     solve = lanczos_top_eigen if estimator == "lanczos" else power_iteration
     try:
-        with solve_mode(model):
+        with solve_mode(model) as record:
             estimate = solve(apply, operator.dim, max_iter, tol, start, generator, device)
     finally:
         operator.release()
     estimate.method = f"{estimate.method}/{operator.method}"
+    estimate.dropout = record["dropout"]
     if warn and not estimate.converged:
         warnings.warn(
             f"λ_max estimate {estimate.lambda_max:.6g} did not converge in {estimate.hvp_count} "

@@ -149,6 +149,7 @@ class SharpnessProbe(Callback):
             "residual": estimate.residual,
             "batch_size": len(self.targets),
             "bn_mode": self.bn_mode,
+            "dropout": estimate.dropout,
             "estimator": estimate.method,
         }
 

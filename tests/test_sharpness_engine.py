@@ -258,3 +258,18 @@ def test_pyhessian_backend_restores_mode_and_grad():
     model.eval()
     ours = top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, max_iter=60, tol=1e-6)
     assert estimate.lambda_max == pytest.approx(ours.lambda_max, rel=1e-2)
+
+
+def test_dropout_is_disabled_during_a_solve_and_recorded():
+    """With dropout active every product would see a new mask and Lanczos would not converge."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 3)).train()
+    inputs, targets = torch.randn(20, 5), torch.randint(0, 3, (20,))
+    estimate = top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, max_iter=60, tol=1e-8,
+                              hvp_method="forward_over_reverse")
+    assert estimate.dropout == "disabled"
+    assert estimate.converged
+    assert model[2].training
+    model.eval()
+    reference = top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, max_iter=60, tol=1e-8)
+    assert estimate.lambda_max == pytest.approx(reference.lambda_max, rel=1e-6)
