@@ -200,6 +200,30 @@ class HessianOperator:
         except (RuntimeError, NotImplementedError) as error:
             raise HessianUnsupportedError(describe_unsupported(self.model, self.chunks[0][0], self.method, error)) from error
 
+    def gradient(self) -> torch.Tensor:
+        """Return the flat gradient of the loss on the whole batch (float64, detached).
+
+        With one chunk on a path that may use double backward, this builds the cached
+        gradient graph that later products reuse, so the gradient comes for free.
+        """
+        if len(self.chunks) == 1 and self.method in ("auto", "double_backward"):
+            try:
+                if self._grads is None:
+                    self._grads = self._checked_grads(*self.chunks[0])
+                return self._flat([g.detach() for g in self._grads])
+            except RuntimeError as error:
+                self._grads = None
+                if self.method == "double_backward":
+                    raise HessianUnsupportedError(
+                        describe_unsupported(self.model, self.chunks[0][0], self.method, error)
+                    ) from error
+        total = None
+        for inputs, targets in self.chunks:
+            loss = self.loss_fn(self.model(inputs), targets) * (len(targets) / self.batch_size)
+            part = self._flat(torch.autograd.grad(loss, self.params))
+            total = part if total is None else total + part
+        return total
+
     def release(self) -> None:
         """Drop the cached gradient graph."""
         self._grads = None
@@ -474,6 +498,12 @@ def top_eigenvalue(
     With ``preconditioner`` d (a flat positive vector, the diagonal of P), estimates
     λ_max(P^-1/2 H P^-1/2) instead, the sharpness that governs an Adam step.
     ``estimate.method`` records the estimator and the product path used.
+
+    Without ``start``, the solve starts from the loss gradient (scaled by P^-1/2 when
+    preconditioned), which lies mostly in the top eigenspace of the Hessian, so
+    Lanczos needs about one product fewer than from a random vector (4 against 5-6
+    for 1e-3 relative error on a CIFAR-ResNet-20, ``benchmarks/sharpness.py``). A zero
+    or non-finite gradient falls back to a Gaussian start from ``generator``.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"invalid estimator={estimator!r}: expected one of {ESTIMATORS}")
@@ -486,6 +516,13 @@ def top_eigenvalue(
     solve = lanczos_top_eigen if estimator == "lanczos" else power_iteration
     try:
         with solve_mode(model) as record:
+            if start is None:
+                gradient = operator.gradient()
+                if preconditioner is not None:
+                    gradient = scale * gradient
+                norm = gradient.norm()
+                if torch.isfinite(norm) and norm > 0:
+                    start = gradient
             estimate = solve(apply, operator.dim, max_iter, tol, start, generator, device)
     finally:
         operator.release()
