@@ -47,6 +47,7 @@ class StepMeasurement:
     effective_lr: float
     clip_active: bool
     delta_active: bool
+    skipped: bool = False  # the gradient held inf or NaN, so no step was taken
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,7 +57,10 @@ def global_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     """Return the L2 norm of all ``.grad`` tensors together, as a 0-d float32 tensor.
 
     Parameters without a gradient are skipped. Per-tensor norms come from one fused
-    ``torch._foreach_norm`` call per device and dtype, accumulated in float32.
+    ``torch._foreach_norm`` call per device and dtype, accumulated in float32. When
+    that overflows (finite elements of about 1e19 or more square past float32's
+    range), the norm is recomputed in float64, so only a gradient that holds inf or
+    NaN has a non-finite norm.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -69,7 +73,12 @@ def global_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     for group in grouped.values():
         norms = torch._foreach_norm(group, 2.0)
         squares.append(torch.stack(norms).float().to(device).square().sum())
-    return torch.stack(squares).sum().sqrt()
+    total = torch.stack(squares).sum().sqrt()
+    if torch.isfinite(total):
+        return total
+    # host sync, only on this rare path: tell overflow from a gradient holding inf or NaN.
+    wide = torch.stack([g.double().norm().to(device) for g in grads]).norm()
+    return wide.float() if torch.isfinite(wide) else total
 
 
 def clip_factor(grad_norm: float, gamma: float, delta: float, eps: float = EPS) -> float:
@@ -83,7 +92,13 @@ def clip_factor(grad_norm: float, gamma: float, delta: float, eps: float = EPS) 
 def measure_step(
     grad_norm: float, lr: float, gamma: float, delta: float, eps: float = EPS
 ) -> StepMeasurement:
-    """Apply the δ-GClip rule to one measured gradient norm."""
+    """Apply the δ-GClip rule to one measured gradient norm.
+
+    A non-finite norm marks the step as skipped: no step size (h = 0), and neither
+    clipping nor the floor counts as active.
+    """
+    if not math.isfinite(grad_norm):
+        return skipped_step(grad_norm, lr)
     ratio = gamma / (grad_norm + eps)
     factor = clip_factor(grad_norm, gamma, delta, eps)
     return StepMeasurement(
@@ -98,7 +113,18 @@ def measure_step(
 
 def unclipped_step(grad_norm: float, lr: float) -> StepMeasurement:
     """Return the measurement of a step taken without any clipping (plain SGD or Adam)."""
+    if not math.isfinite(grad_norm):
+        return skipped_step(grad_norm, lr)
     return StepMeasurement(grad_norm, lr, 1.0, lr, False, False)
+
+
+def skipped_step(grad_norm: float, lr: float) -> StepMeasurement:
+    """Return the measurement of a step skipped because its gradient held inf or NaN."""
+    return StepMeasurement(grad_norm, lr, math.nan, 0.0, False, False, skipped=True)
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient held inf or NaN and the run was configured to stop on it."""
 
 
 def _check_range(name: str, value: float, low: float, high: float, low_open: bool) -> None:
@@ -123,6 +149,9 @@ class DeltaGClip(Optimizer):
         gamma: clipping threshold γ > 0, in units of gradient norm.
         delta: floor δ ∈ [0, 1] on the clip factor. δ = 0 is GClip, δ = 1 never clips.
         eps: ε added to the norm before dividing.
+        nonfinite: what a gradient holding inf or NaN does: ``skip`` the step (the
+            parameters and the inner optimizer's state stay as they are, and
+            ``skipped_steps`` counts it) or ``raise`` :class:`NonFiniteGradientError`.
 
     The wrapper shares ``param_groups`` and ``state`` with the inner optimizer, so it
     passes as an ``Optimizer`` to schedulers. Call :meth:`measure` after ``backward``
@@ -131,8 +160,10 @@ class DeltaGClip(Optimizer):
     """
 
     def __init__(
-        self, optimizer: Optimizer, gamma: float, delta: float = 0.0, eps: float = EPS
+        self, optimizer: Optimizer, gamma: float, delta: float = 0.0, eps: float = EPS, nonfinite: str = "skip"
     ) -> None:
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"invalid nonfinite={nonfinite!r}: expected 'skip' or 'raise'")
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"DeltaGClip wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, DeltaGClip):
@@ -154,9 +185,11 @@ class DeltaGClip(Optimizer):
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
+        self.nonfinite = nonfinite
         self.last: StepMeasurement | None = None
         self._pending: StepMeasurement | None = None
         self.steps = 0
+        self.skipped_steps = 0
 
     def __repr__(self) -> str:
         return f"DeltaGClip(gamma={self.gamma}, delta={self.delta}, eps={self.eps}, optimizer={self.optimizer!r})"
@@ -185,6 +218,16 @@ class DeltaGClip(Optimizer):
                 loss = closure()
         measurement = self._pending if self._pending is not None else self.measure()
         self._pending = None
+        if measurement.skipped:
+            self.last = measurement
+            self.steps += 1
+            self.skipped_steps += 1
+            if self.nonfinite == "raise":
+                raise NonFiniteGradientError(
+                    f"gradient norm is {measurement.grad_norm} at step {self.steps}: the gradient holds inf or NaN; "
+                    "lower the learning rate, or use nonfinite='skip' to skip such steps"
+                )
+            return loss
 
         base_lrs = [group["lr"] for group in self.param_groups]
         try:
@@ -208,6 +251,7 @@ class DeltaGClip(Optimizer):
             "delta": self.delta,
             "eps": self.eps,
             "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
             "last": None if self.last is None else self.last.as_dict(),
         }
 
@@ -223,6 +267,7 @@ class DeltaGClip(Optimizer):
         self.delta = float(state_dict["delta"])
         self.eps = float(state_dict["eps"])
         self.steps = int(state_dict["steps"])
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         last = state_dict["last"]
         self.last = None if last is None else StepMeasurement(**last)
 

@@ -215,7 +215,11 @@ class Trainer:
                 raise DivergenceError(epoch, state.step, state.loss, reason)
 
             self._emit("after_backward", state)
-            self.optimizer.step()
+            if state.measurement.skipped and not isinstance(self.optimizer, DeltaGClip):
+                log.warning("step %d skipped: the gradient holds inf or NaN (norm %s)", state.step,
+                            state.measurement.grad_norm)
+            else:
+                self.optimizer.step()  # δ-GClip skips (or raises on) a non-finite step itself
             self._emit("after_step", state)
             state.recorder.append("steps", state.step_row)
 

@@ -66,17 +66,18 @@ class GradNormProbe(Callback):
 class ClipActivityProbe(Callback):
     """Record c_t, h_t and when clipping and the δ floor are active.
 
-    Step columns: ``clip_factor``, ``effective_lr``, ``clip_active``, ``delta_active``.
+    Step columns: ``clip_factor``, ``effective_lr``, ``clip_active``, ``delta_active``
+    and ``skipped`` (a gradient with inf or NaN: no step, and no clip or δ event).
     Epoch columns: ``clip_active_fraction``, ``delta_active_fraction`` (fractions of
-    the epoch's steps) and ``mean_effective_lr``. An epoch is δ-active when
-    ``delta_active_fraction`` > 0.
+    the epoch's steps), ``mean_effective_lr`` and ``skipped_steps``. An epoch is
+    δ-active when ``delta_active_fraction`` > 0.
     """
 
     def __init__(self) -> None:
         self._reset()
 
     def _reset(self) -> None:
-        self.steps = self.clipped = self.floored = 0
+        self.steps = self.clipped = self.floored = self.skipped = 0
         self.effective_lr_sum = 0.0
 
     def after_backward(self, state: TrainState) -> None:
@@ -86,10 +87,12 @@ class ClipActivityProbe(Callback):
             effective_lr=m.effective_lr,
             clip_active=m.clip_active,
             delta_active=m.delta_active,
+            skipped=m.skipped,
         )
         self.steps += 1
         self.clipped += m.clip_active
         self.floored += m.delta_active
+        self.skipped += m.skipped
         self.effective_lr_sum += m.effective_lr
 
     def on_epoch_end(self, state: TrainState) -> None:
@@ -98,6 +101,7 @@ class ClipActivityProbe(Callback):
             clip_active_fraction=self.clipped / steps,
             delta_active_fraction=self.floored / steps,
             mean_effective_lr=self.effective_lr_sum / steps,
+            skipped_steps=self.skipped,
         )
         self._reset()
 
@@ -156,6 +160,8 @@ class UpdateMagnitudeProbe(Callback):
         self.previous = None
 
     def on_epoch_end(self, state: TrainState) -> None:
-        state.epoch_row["mean_rum"] = float(np.mean(self.rums)) if self.rums else math.nan
+        # Skipped steps have RUM NaN (no step size); the means are over the steps taken.
+        finite_rums = [r for r in self.rums if math.isfinite(r)]
+        state.epoch_row["mean_rum"] = float(np.mean(finite_rums)) if finite_rums else math.nan
         state.epoch_row["mean_relative_update"] = float(np.mean(self.updates)) if self.updates else math.nan
         self.rums, self.updates = [], []

@@ -182,3 +182,44 @@ def test_warmup_stops_clipping_after_its_epochs():
     assert m.clip_factor == 1.0
     assert not m.clip_active
     assert not m.delta_active
+
+
+def _sgd_with_grad(value, nonfinite="skip"):
+    x = torch.ones(4, dtype=torch.float32, requires_grad=True)
+    opt = DeltaGClip(torch.optim.SGD([x], lr=0.1, momentum=0.9), gamma=1.0, delta=0.25, nonfinite=nonfinite)
+    x.grad = torch.full((4,), value, dtype=torch.float32)
+    return x, opt
+
+
+def test_huge_finite_gradient_has_finite_norm_and_floor_step():
+    """1e20 per element squares to 1e40, past float32's range; the norm must stay finite."""
+    x, opt = _sgd_with_grad(1e20)
+    m = opt.measure()
+    assert m.grad_norm == pytest.approx(2e20, rel=1e-6)
+    assert m.effective_lr == pytest.approx(0.1 * 0.25)
+    assert m.delta_active
+    assert not m.skipped
+    opt.step()
+    assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_nonfinite_gradient_skips_step(value):
+    x, opt = _sgd_with_grad(1.0)
+    x.grad[2] = value
+    m = opt.measure()
+    assert m.skipped
+    assert not m.clip_active
+    assert not m.delta_active
+    opt.step()
+    assert torch.equal(x.detach(), torch.ones(4))
+    assert opt.skipped_steps == 1
+    assert opt.optimizer.state == {} or not opt.optimizer.state[x]  # momentum untouched
+
+
+def test_nonfinite_gradient_raises_when_asked():
+    x, opt = _sgd_with_grad(1.0, nonfinite="raise")
+    x.grad[0] = math.nan
+    with pytest.raises(FloatingPointError, match="holds inf or NaN"):
+        opt.step()
+    assert torch.equal(x.detach(), torch.ones(4))
