@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,7 +36,9 @@ class Recorder:
         self.frames: dict[str, list[dict[str, Any]]] = {}
 
     def append(self, frame: str, row: dict[str, Any]) -> None:
-        self.frames.setdefault(frame, []).append(row)
+        """Append a row; numpy scalars become Python numbers, so checkpoints load with weights_only."""
+        clean = {key: value.item() if isinstance(value, np.generic) else value for key, value in row.items()}
+        self.frames.setdefault(frame, []).append(clean)
 
     def rows(self, frame: str) -> list[dict[str, Any]]:
         return self.frames.get(frame, [])
@@ -57,6 +60,7 @@ class TrainState:
     inputs: torch.Tensor | None = None
     targets: torch.Tensor | None = None
     loss: float = float("nan")
+    elapsed: float = 0.0  # training seconds before this process, for resumed runs
     measurement: StepMeasurement | None = None
     step_row: dict[str, Any] = field(default_factory=dict)
     epoch_row: dict[str, Any] = field(default_factory=dict)
@@ -79,3 +83,10 @@ class Callback:
 
     def on_train_end(self, state: TrainState) -> None:
         pass
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return what the callback needs to resume after a checkpoint (tensors, numbers, strings)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import random
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -17,6 +21,33 @@ from dynamics.data import TensorLoader
 from dynamics.events import Callback, Recorder, TrainState
 
 log = logging.getLogger(__name__)
+
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or belongs to another run."""
+
+
+def _numpy_rng_state() -> dict:
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _set_numpy_rng_state(state: dict) -> None:
+    keys = state["keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state((state["name"], keys, state["position"], state["has_gauss"], state["cached"]))
+
+
+def _python_rng_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_python_rng_state(state: list) -> None:
+    random.setstate((state[0], tuple(state[1]), state[2]))
 
 
 class DivergenceError(RuntimeError):
@@ -107,6 +138,7 @@ class Trainer:
         callbacks: Iterable[Callback] = (),
         device: torch.device | str = "cpu",
         run_id: str = "",
+        checkpoint_path: str | os.PathLike | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
@@ -117,6 +149,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.device = torch.device(device)
         self.run_id = run_id
+        self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
         self.scheduler = None
         if config.milestones:
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
@@ -153,8 +186,64 @@ class Trainer:
         self.model.train(was_training)
         return total_loss / count, correct / count
 
+    def checkpoint_state(self, state: TrainState) -> dict:
+        """Collect everything needed to continue bit for bit after the current epoch."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "run_id": self.run_id,
+            "epoch": state.epoch,
+            "step": state.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "train_loader_rng": self.train_loader.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "numpy_rng": _numpy_rng_state(),
+            "python_rng": _python_rng_state(),
+            "callbacks": [callback.state_dict() for callback in self.callbacks],
+            "frames": state.recorder.frames,
+            "elapsed": state.elapsed,
+        }
+
+    def save_checkpoint(self, state: TrainState) -> None:
+        path = self.checkpoint_path
+        temporary = path.with_name(f".{path.name}.tmp")
+        torch.save(self.checkpoint_state(state), temporary)
+        os.replace(temporary, path)  # a reader never sees a half-written checkpoint
+
+    def load_checkpoint(self, state: TrainState) -> None:
+        """Restore a checkpoint written by :meth:`save_checkpoint` into this trainer and ``state``."""
+        path = self.checkpoint_path
+        try:
+            checkpoint = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as error:  # any unreadable file is reported the same way
+            raise CheckpointError(f"corrupt checkpoint {path}: {error}; delete it to restart this run") from error
+        if checkpoint.get("format") != CHECKPOINT_FORMAT or checkpoint.get("run_id") != self.run_id:
+            raise CheckpointError(f"checkpoint {path} belongs to another run or format; delete it to restart this run")
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.train_loader.generator.set_state(checkpoint["train_loader_rng"].cpu())
+        torch.set_rng_state(checkpoint["torch_rng"].cpu())
+        if checkpoint["cuda_rng"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in checkpoint["cuda_rng"]])
+        _set_numpy_rng_state(checkpoint["numpy_rng"])
+        _set_python_rng_state(checkpoint["python_rng"])
+        for callback, saved in zip(self.callbacks, checkpoint["callbacks"]):
+            callback.load_state_dict(saved)
+        state.recorder.frames = checkpoint["frames"]
+        state.epoch, state.step = checkpoint["epoch"], checkpoint["step"]
+        state.elapsed = checkpoint["elapsed"]
+        log.info("resumed %s from %s after epoch %d", self.run_id or "run", path, state.epoch)
+
     def fit(self) -> TrainResult:
-        """Train for ``config.epochs`` epochs, or until the loss diverges."""
+        """Train for ``config.epochs`` epochs, or until the loss diverges.
+
+        With a ``checkpoint_path``, the state is saved after every epoch, and a run
+        that finds a checkpoint there continues from it.
+        """
         config = self.config
         recorder = Recorder()
         state = TrainState(
@@ -167,17 +256,22 @@ class Trainer:
             epochs=config.epochs,
         )
         self.model.train()
-        started = time.perf_counter()
         self._emit("on_train_start", state)
+        if self.checkpoint_path is not None and self.checkpoint_path.is_file():
+            self.load_checkpoint(state)
+        started = time.perf_counter() - state.elapsed
         try:
-            for epoch in range(1, config.epochs + 1):
+            for epoch in range(state.epoch + 1, config.epochs + 1):
                 self._train_epoch(state, epoch, started)
+                state.elapsed = time.perf_counter() - started
+                if self.checkpoint_path is not None:
+                    self.save_checkpoint(state)
         except DivergenceError as error:
             log.error("%s", error)
             self._emit("on_train_end", state)
-            return TrainResult(recorder, "diverged", time.perf_counter() - started, str(error), error.step)
+            return TrainResult(state.recorder, "diverged", time.perf_counter() - started, str(error), error.step)
         self._emit("on_train_end", state)
-        return TrainResult(recorder, "completed", time.perf_counter() - started)
+        return TrainResult(state.recorder, "completed", time.perf_counter() - started)
 
     def _train_epoch(self, state: TrainState, epoch: int, started: float) -> None:
         config = self.config

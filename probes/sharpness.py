@@ -200,6 +200,26 @@ class SharpnessProbe(Callback):
             if rows:
                 state.epoch_row["lambda_max"] = rows[0]["lambda_max"]
 
+    def state_dict(self) -> dict:
+        return {
+            "previous": {str(key): vector for key, vector in self.previous.items() if vector is not None},
+            "generator": self.generator.get_state(),
+            "hvp_method": self.hvp_method,
+            "estimates": self.estimates,
+            "unconverged": self.unconverged,
+            "disabled_reason": self.disabled_reason,
+            "warned_adam": self._warned_adam,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.previous = {False: None, True: None}
+        for key, vector in state["previous"].items():
+            self.previous[key == "True"] = vector
+        self.generator.set_state(state["generator"].cpu())
+        self.hvp_method = state["hvp_method"]
+        self.estimates, self.unconverged = state["estimates"], state["unconverged"]
+        self.disabled_reason, self._warned_adam = state["disabled_reason"], state["warned_adam"]
+
     def on_train_end(self, state: TrainState) -> None:
         if self.unconverged:
             log.warning("%s: %d of %d λ_max estimates did not converge", state.run_id, self.unconverged, self.estimates)

@@ -88,7 +88,8 @@ def _build_model(config: RunConfig, dataset: ImageDataset) -> nn.Module:
                        num_classes=dataset.num_classes)
 
 
-def build_trainer(config: RunConfig, dataset: ImageDataset, device: torch.device, progress: bool | None = None) -> Trainer:
+def build_trainer(config: RunConfig, dataset: ImageDataset, device: torch.device, progress: bool | None = None,
+                  checkpoint_path: Path | None = None) -> Trainer:
     """Build model, optimizer, loaders, probes and trainer for one run, seeded by ``config.seed``."""
     torch.manual_seed(config.seed)
     model = _build_model(config, dataset).to(device)
@@ -113,6 +114,7 @@ def build_trainer(config: RunConfig, dataset: ImageDataset, device: torch.device
             max_iter=config.sharpness_max_iter,
             tol=config.sharpness_tol,
             seed=config.seed + 2,
+            hvp_method=config.sharpness_hvp,
         ),
     ]
     train_config = TrainConfig(
@@ -120,7 +122,8 @@ def build_trainer(config: RunConfig, dataset: ImageDataset, device: torch.device
         log_every=config.log_every,
     )
     loss_fn = build_loss(config.loss)
-    return Trainer(model, loss_fn, train_loader, test_loader, optimizer, train_config, probes, device, config.run_id)
+    return Trainer(model, loss_fn, train_loader, test_loader, optimizer, train_config, probes, device, config.run_id,
+                   checkpoint_path=checkpoint_path)
 
 
 def summarize_run(config: RunConfig, result: TrainResult, frames: dict[str, pd.DataFrame], device: torch.device) -> dict:
@@ -183,7 +186,8 @@ def execute_run(config: RunConfig, dataset: ImageDataset, store: RunStore, progr
     device = select_device(config.device)
     dataset.to(device)
     log.info("run %s: %s", config.run_id, config.to_dict())
-    trainer = build_trainer(config, dataset, device, progress)
+    checkpoint = store.start_run(config.run_id, config.to_dict())
+    trainer = build_trainer(config, dataset, device, progress, checkpoint)
     result = trainer.fit()
     frames = {name: pd.DataFrame(result.recorder.rows(name)) for name in ("steps", "epochs", "sharpness", "grad_hist", "probe_events")}
     row = summarize_run(config, result, frames, device)
@@ -192,6 +196,7 @@ def execute_run(config: RunConfig, dataset: ImageDataset, store: RunStore, progr
         config.run_id, config.to_dict(), frames,
         {"status": result.status, "reason": result.reason, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     )
+    checkpoint.unlink(missing_ok=True)
     return row
 
 

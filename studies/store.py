@@ -74,6 +74,22 @@ class RunStore:
             return False
         return json.loads(config_path.read_text()) == json.loads(json.dumps(config, default=str))
 
+    def start_run(self, run_id: str, config: dict[str, Any]) -> Path:
+        """Prepare a run directory and return its checkpoint path.
+
+        A checkpoint left by an interrupted run is kept when ``config.json`` holds the
+        same config, so the trainer resumes from it; otherwise it is deleted.
+        """
+        directory = self.run_dir(run_id)
+        checkpoint = directory / "checkpoint.pt"
+        config_path = directory / "config.json"
+        same = config_path.is_file() and json.loads(config_path.read_text()) == json.loads(json.dumps(config, default=str))
+        if not same:
+            checkpoint.unlink(missing_ok=True)
+        (directory / "status.json").unlink(missing_ok=True)
+        atomic_write_json(config_path, config)
+        return checkpoint
+
     def write_study(self, study: dict[str, Any]) -> None:
         atomic_write_json(self.root / "study.json", study)
 
