@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from reports.atomic import atomic_path  # noqa: E402
 from reports.tables import METHOD_ORDER, method_label  # noqa: E402
 
 TEXT_WIDTH = 6.75  # inches, two-column paper
@@ -244,6 +245,7 @@ def save_figure(fig: plt.Figure, directory: Path, name: str) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / f"{name}.png", directory / f"{name}.pdf"]
     for path in paths:
-        fig.savefig(path, dpi=300, bbox_inches="tight")
+        with atomic_path(path) as temporary:
+            fig.savefig(temporary, dpi=300, bbox_inches="tight")
     plt.close(fig)
     return paths

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from reports import figures, sharpness as sharpness_report, tables
+from reports.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,6 @@ def render_report(directory: str | Path) -> Path:
         lines += [f"## Figure `{name}`", "", caption, "", f"![{name}](figures/{name}.png)", "",
                   f"Files: `figures/{name}.png`, `figures/{name}.pdf`.", ""]
     report = directory / "report.md"
-    report.write_text("\n".join(lines))
+    atomic_write_text(report, "\n".join(lines))
     log.info("report written to %s", report)
     return report

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from reports.atomic import atomic_write_text
+
 METHOD_ORDER = {"sgd": 0, "gclip": 1, "dgclip": 2}
 
 
@@ -117,13 +119,13 @@ def write_table(table: pd.DataFrame, directory: Path, name: str, caption: str) -
     """Write ``table`` as CSV, Markdown and LaTeX; return the three paths."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / f"{name}.{suffix}" for suffix in ("csv", "md", "tex")]
-    table.to_csv(paths[0], index=False)
-    paths[1].write_text(to_markdown(table) + "\n")
+    atomic_write_text(paths[0], table.to_csv(index=False))
+    atomic_write_text(paths[1], to_markdown(table) + "\n")
     latex = table.to_latex(
         index=False, float_format=lambda x: f"{x:.4g}", na_rep="--", caption=latex_text(caption), label=f"tab:{name}",
         escape=True,
     )
-    paths[2].write_text(latex)
+    atomic_write_text(paths[2], latex)
     return paths
 
 

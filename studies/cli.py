@@ -191,15 +191,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset = load_dataset(study.base.dataset, study.base.data_root, download=args.download)
     except DatasetError as error:
         parser.error(str(error))
+    from studies.store import RunStore, StudyInUseError
+
     log.info("study %s (preset %s): %d runs into %s", study.name, study.preset, len(runs), out)
     try:
-        run_study(study, out, progress=False if args.no_progress else None, dataset=dataset)
-    except KeyboardInterrupt:
-        log.error("interrupted: finished runs are kept in %s; rerun the same command to resume", out)
-        return 130
-    from reports import render_report
+        with RunStore(out).lock():
+            run_study(study, out, progress=False if args.no_progress else None, dataset=dataset)
+            from reports import render_report
 
-    print(render_report(out))
+            print(render_report(out))
+    except StudyInUseError as error:
+        parser.error(str(error))
+    except KeyboardInterrupt:
+        log.error("interrupted: finished runs and the last epoch checkpoint are kept in %s; "
+                  "rerun the same command to resume", out)
+        return 130
     return 0
 
 

@@ -17,44 +17,22 @@ only for the same config.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
+
+from reports.atomic import atomic_write_json, atomic_write_parquet
 
 FRAMES = ("runs", "steps", "epochs", "sharpness", "grad_hist", "probe_events")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    try:
-        frame.to_parquet(temporary, index=False)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+class StudyInUseError(RuntimeError):
+    """Another process is running a study in the same directory."""
 
 
 class RunStore:
@@ -62,6 +40,29 @@ class RunStore:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on the study directory, or raise :class:`StudyInUseError`.
+
+        The lock is an ``fcntl`` lock on ``.lock``, so the operating system releases it
+        when the holder exits, even after SIGKILL.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.root / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise StudyInUseError(
+                f"study directory {self.root} is in use by another `eos study`; wait for it to finish "
+                "or pass another --out"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id

@@ -206,3 +206,20 @@ def test_latex_tables_escape_names_and_math(study_dir):
     assert r"threshold\_2\_over\_h" in latex
     assert r"$\lambda_{\max}$" in latex
     assert "λ" not in latex
+
+
+def test_directory_in_use_exits_2(tmp_path, capsys):
+    from studies.store import RunStore
+
+    out = tmp_path / "busy"
+    with RunStore(out).lock():
+        with pytest.raises(SystemExit) as exit_info:
+            main(["study", "depth", *TINY, "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert "in use by another" in capsys.readouterr().err
+    assert not (out / "runs").exists()
+
+
+def test_writes_leave_no_temporary_files(study_dir):
+    leftovers = [p for p in study_dir.rglob(".*") if p.name != ".lock"]
+    assert leftovers == []
