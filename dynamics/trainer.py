@@ -125,6 +125,11 @@ class Trainer:
     gradient-norm measurement, ``after_backward``, optimizer step, ``after_step``.
     The optimizer may be a :class:`DeltaGClip`, whose measurement is shared with the
     callbacks, or any ``torch.optim`` optimizer (then the clip factor is 1).
+
+    With a ``scaler`` (``torch.amp.GradScaler``, for mixed precision) the loss is
+    scaled for backward and the gradients are unscaled before the measurement, so
+    norms, clipping and probes use true gradients; a step the scaler skips is
+    recorded as skipped.
     """
 
     def __init__(
@@ -139,6 +144,7 @@ class Trainer:
         device: torch.device | str = "cpu",
         run_id: str = "",
         checkpoint_path: str | os.PathLike | None = None,
+        scaler: "torch.amp.GradScaler | None" = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
@@ -150,6 +156,7 @@ class Trainer:
         self.device = torch.device(device)
         self.run_id = run_id
         self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
+        self.scaler = scaler
         self.scheduler = None
         if config.milestones:
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
@@ -196,6 +203,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "train_loader_rng": self.train_loader.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
@@ -225,6 +233,8 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.scaler is not None and checkpoint.get("scaler") is not None:
+            self.scaler.load_state_dict(checkpoint["scaler"])
         self.train_loader.generator.set_state(checkpoint["train_loader_rng"].cpu())
         torch.set_rng_state(checkpoint["torch_rng"].cpu())
         if checkpoint["cuda_rng"]:
@@ -290,7 +300,13 @@ class Trainer:
             outputs = self.model(inputs)
             loss = self.loss_fn(outputs, targets)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                # Unscale before measuring, so the norm, the clip decision and every
+                # probe see the true gradient; step() below will not unscale again.
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
 
             state.step += 1
             state.inputs, state.targets = inputs, targets
@@ -309,7 +325,12 @@ class Trainer:
                 raise DivergenceError(epoch, state.step, state.loss, reason)
 
             self._emit("after_backward", state)
-            if state.measurement.skipped and not isinstance(self.optimizer, DeltaGClip):
+            if self.scaler is not None:
+                # The scaler skips a step whose unscaled gradient holds inf or NaN; the
+                # measurement already marks it skipped, and the scale shrinks.
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            elif state.measurement.skipped and not isinstance(self.optimizer, DeltaGClip):
                 log.warning("step %d skipped: the gradient holds inf or NaN (norm %s)", state.step,
                             state.measurement.grad_norm)
             else:

@@ -119,7 +119,7 @@ def build_trainer(config: RunConfig, dataset: ImageDataset, device: torch.device
     ]
     train_config = TrainConfig(
         epochs=config.epochs, milestones=config.milestones, lr_factor=config.lr_factor, progress=progress,
-        log_every=config.log_every,
+        log_every=config.log_every, max_loss=config.max_loss,
     )
     loss_fn = build_loss(config.loss)
     return Trainer(model, loss_fn, train_loader, test_loader, optimizer, train_config, probes, device, config.run_id,
@@ -149,6 +149,7 @@ def summarize_run(config: RunConfig, result: TrainResult, frames: dict[str, pd.D
         "seed": config.seed,
         "status": result.status,
         "reason": result.reason,
+        "diverged_step": np.nan if result.diverged_step is None else result.diverged_step,
     }
     has_epochs = not epochs.empty
     row["final_test_acc"] = epochs["test_acc"].iloc[-1] if has_epochs else np.nan
@@ -174,6 +175,7 @@ def summarize_run(config: RunConfig, result: TrainResult, frames: dict[str, pd.D
     for column, source in (("final_lambda_max", "lambda_max"), ("final_effective_lr", "effective_lr"),
                            ("final_threshold", "threshold"), ("final_deviation", "deviation")):
         row[column] = final[source].iloc[0] if len(final) else np.nan
+    row["skipped_steps"] = int(steps["skipped"].sum()) if "skipped" in steps else 0
     row["wall_time"] = result.wall_time
     row["device"] = str(device)
     row["torch_version"] = torch.__version__

@@ -223,3 +223,17 @@ def test_directory_in_use_exits_2(tmp_path, capsys):
 def test_writes_leave_no_temporary_files(study_dir):
     leftovers = [p for p in study_dir.rglob(".*") if p.name != ".lock"]
     assert leftovers == []
+
+
+def test_diverged_run_is_reported_and_study_goes_on(tmp_path):
+    out = tmp_path / "diverge"
+    args = ["study", "depth", "--depths", "8", "--methods", "sgd,gclip", "--lr", "5", "--max-loss", "5",
+            "--epochs", "2", "--sharpness-every", "0", "--sharpness-batch", "16", "--no-progress", "-q",
+            "--out", str(out)]
+    assert main(args) == 0
+    runs = pd.read_parquet(out / "frames" / "runs.parquet").set_index("method")
+    assert runs.loc["sgd", "status"] == "diverged"
+    assert "loss above max_loss=5.0" in runs.loc["sgd", "reason"]
+    assert runs.loc["sgd", "diverged_step"] >= 1
+    assert runs.loc["gclip", "status"] == "completed"  # clipping keeps the same step size stable
+    assert "diverged" in (out / "tables" / "runs.md").read_text()

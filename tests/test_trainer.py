@@ -102,3 +102,42 @@ def test_select_device():
 def test_milestone_beyond_last_epoch_rejected():
     with pytest.raises(ValueError, match="milestone 12"):
         TrainConfig(epochs=10, milestones=[12])
+
+
+def test_grad_scaler_measures_unscaled_gradient():
+    """With a loss scale of 2^16, the recorded norm must be the true 0.5, not 0.5·2^16."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    # loss = mean((w·x − y)²)/2 with x = 1, y = −0.5: ∂loss/∂w = w·x − y = 0.5 at w = 0.
+    loss_fn = lambda outputs, targets: 0.5 * (outputs.squeeze(1) - targets).square().mean()  # noqa: E731
+    inputs, targets = torch.ones(4, 1), torch.full((4,), -0.5)
+    optimizer = DeltaGClip(torch.optim.SGD(model.parameters(), lr=0.1), gamma=1.0, delta=0.2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    loader = TensorLoader(inputs, targets, 4)
+    trainer = Trainer(model, loss_fn, loader, loader, optimizer, TrainConfig(1, progress=False),
+                      [GradNormProbe(), ClipActivityProbe()], scaler=scaler)
+    row = trainer.fit().recorder.rows("steps")[0]
+    assert row["grad_norm"] == pytest.approx(0.5)
+    assert row["clip_active"] is False
+    assert row["skipped"] is False
+    assert model.weight.item() == pytest.approx(-0.05)
+
+
+def test_grad_scaler_skipped_step_is_recorded():
+    """A finite gradient of 1e35 overflows float32 once scaled by 2^16: the scaler skips that step."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    loss_fn = lambda outputs, targets: outputs.mean()  # noqa: E731
+    inputs, targets = torch.full((2, 1), 1e35), torch.zeros(2)
+    optimizer = DeltaGClip(torch.optim.SGD(model.parameters(), lr=0.1), gamma=1.0, delta=0.2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    loader = TensorLoader(inputs, targets, 2)
+    trainer = Trainer(model, loss_fn, loader, loader, optimizer, TrainConfig(1, progress=False),
+                      [ClipActivityProbe()], scaler=scaler)
+    row = trainer.fit().recorder.rows("steps")[0]
+    assert row["skipped"] is True
+    assert row["clip_active"] is False
+    assert model.weight.item() == 0.0
+    assert scaler.get_scale() < 2.0**16
