@@ -159,6 +159,45 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels
 
 
+MANIFEST = "checksums.md5"
+
+
+def verify_checksums(folder: Path, paths: list[Path]) -> bool:
+    """Check each file's MD5 before anything is unpickled; return whether all are official.
+
+    A file is accepted when its MD5 is the official release's, or when ``checksums.md5``
+    in the folder (``md5sum`` format) lists it with a matching MD5. A listed file that
+    does not match raises :class:`DatasetError`. Files neither official nor listed are
+    read anyway, with the array-only unpickler and a logged warning.
+    """
+    manifest = {}
+    if (folder / MANIFEST).is_file():
+        for line in (folder / MANIFEST).read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2:
+                manifest[parts[1].lstrip("*")] = parts[0].lower()
+    official, unverified = True, []
+    for path in paths:
+        checksum = _md5(path)
+        if checksum == CIFAR10_FILE_MD5.get(path.name):
+            continue
+        official = False
+        if path.name in manifest:
+            if manifest[path.name] != checksum:
+                raise DatasetError(
+                    f"corrupt CIFAR-10 batch {path}: MD5 {checksum}, but {folder / MANIFEST} lists "
+                    f"{manifest[path.name]}; restore the file or regenerate the manifest with md5sum"
+                )
+            continue
+        unverified.append(path.name)
+    if unverified:
+        log.warning(
+            "CIFAR-10 files %s in %s match neither the official MD5 nor a %s entry; they are read with an "
+            "unpickler that builds only arrays", unverified, folder, MANIFEST,
+        )
+    return official
+
+
 def find_cifar10(root: Path) -> Path | None:
     """Return the folder holding the batch files under ``root``, or None."""
     for candidate in (root / CIFAR10_FOLDER, root):
@@ -216,7 +255,7 @@ def load_cifar10_dataset(root: str | os.PathLike, download: bool = False) -> Ima
         folder = download_cifar10(root)
 
     train_files = [folder / f"data_batch_{i}" for i in range(1, 6) if (folder / f"data_batch_{i}").is_file()]
-    subset = any(_md5(path) != CIFAR10_FILE_MD5[path.name] for path in [*train_files, folder / "test_batch"])
+    subset = not verify_checksums(folder, [*train_files, folder / "test_batch"])
     parts = [_read_cifar_batch(path) for path in train_files]
     test_x, test_y = _read_cifar_batch(folder / "test_batch")
     train_x = np.concatenate([x for x, _ in parts])

@@ -107,3 +107,31 @@ def test_loader_order_depends_only_on_seed():
     second = [t for _, t in TensorLoader(x, y, 16, shuffle=True, seed=3)]
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert sorted(torch.cat(first).tolist()) == list(range(50))
+
+
+def test_manifest_mismatch_rejected_before_unpickling(tiny_cifar, tmp_path):
+    import hashlib
+
+    folder = tiny_cifar / "cifar-10-batches-py"
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    train_md5 = hashlib.md5((folder / "data_batch_1").read_bytes()).hexdigest()
+    (folder / "checksums.md5").write_text(f"{train_md5}  data_batch_1\n{'0' * 32}  test_batch\n")
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": Payload(), b"labels": [0]}, f)
+    with pytest.raises(DatasetError, match="MD5 .* lists 0+"):
+        load_cifar10_dataset(tiny_cifar)
+    assert not marker.exists()
+
+
+def test_manifest_match_loads(tiny_cifar):
+    import hashlib
+
+    folder = tiny_cifar / "cifar-10-batches-py"
+    lines = [f"{hashlib.md5((folder / n).read_bytes()).hexdigest()}  {n}" for n in ("data_batch_1", "test_batch")]
+    (folder / "checksums.md5").write_text("\n".join(lines) + "\n")
+    assert len(load_cifar10_dataset(tiny_cifar).train_y) == 20

@@ -83,6 +83,11 @@ def test_rerun_skips_finished_runs(study_dir, caplog):
         ("--preset", "huge", "unknown preset 'huge'"),
         ("--depths", "8,,14", "invalid depth list"),
         ("--device", "tpu", "tpu"),
+        ("--widths", "0", "width=0"),
+        ("--milestones", "30", "milestones=(30,)"),
+        ("--dataset", "mnist", "invalid choice: 'mnist'"),
+        ("--optimizer", "lamb", "invalid choice: 'lamb'"),
+        ("--momentum", "1.0", "momentum=1.0"),
     ],
 )
 def test_invalid_option_exits_2_and_writes_nothing(tmp_path, capsys, option, value, message):
