@@ -12,7 +12,7 @@ Prints ratios measured in one run (absolute times on a shared machine mean littl
 Both estimators see the same 128-image batch with BatchNorm in eval mode, the only
 mode pyhessian supports. Usage:
 
-    python benchmarks/sharpness.py [--data-root ../shared/data/cifar10-5k] [--repeats 3]
+    python benchmarks/sharpness.py [--data-root DIR_WITH_cifar-10-batches-py] [--repeats 3]
 """
 
 from __future__ import annotations
