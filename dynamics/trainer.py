@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dynamics.clipping import DeltaGClip, DeltaWarmup, global_grad_norm, unclipped_step
+from dynamics.clipping import DeltaGClip, DeltaWarmup, NonFiniteGradientError, global_grad_norm, unclipped_step
 from dynamics.data import TensorLoader
 from dynamics.events import Callback, Recorder, TrainState
 
@@ -93,6 +93,7 @@ class TrainConfig:
     progress: bool | None = None  # None: show the bar only on a terminal
     warmup_epochs: int | None = None  # δ-GClip only in the first epochs, then unclipped
     log_every: int = 1  # log the epoch line every this many epochs, and after the last
+    nonfinite: str = "skip"  # a gradient with inf or NaN: "skip" the step, or "raise" NonFiniteGradientError
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -104,6 +105,8 @@ class TrainConfig:
                 )
         if not 0 < self.lr_factor <= 1:
             raise ValueError(f"invalid lr_factor={self.lr_factor}: expected a number in (0, 1]")
+        if self.nonfinite not in ("skip", "raise"):
+            raise ValueError(f"invalid nonfinite={self.nonfinite!r}: expected 'skip' or 'raise'")
 
 
 @dataclass
@@ -265,6 +268,7 @@ class Trainer:
             run_id=self.run_id,
             epochs=config.epochs,
         )
+        self.state = state  # callers that catch an exception from fit() still reach the rows
         self.model.train()
         self._emit("on_train_start", state)
         if self.checkpoint_path is not None and self.checkpoint_path.is_file():
@@ -325,6 +329,12 @@ class Trainer:
                 raise DivergenceError(epoch, state.step, state.loss, reason)
 
             self._emit("after_backward", state)
+            if state.measurement.skipped and config.nonfinite == "raise":
+                state.recorder.append("steps", state.step_row)
+                raise NonFiniteGradientError(
+                    f"gradient norm is {state.measurement.grad_norm} at epoch {epoch}, step {state.step}: the "
+                    "gradient holds inf or NaN; lower the learning rate, or skip such steps (nonfinite='skip')"
+                )
             if self.scaler is not None:
                 # The scaler skips a step whose unscaled gradient holds inf or NaN; the
                 # measurement already marks it skipped, and the scale shrinks.

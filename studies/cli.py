@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     study.add_argument("--seed", type=int, help="seed of model init, data order and probes")
     study.add_argument("--max-loss", type=float, help="mark a run diverged when a batch loss exceeds this (default: inf)")
+    study.add_argument("--on-nonfinite", dest="nonfinite", choices=("skip", "raise"),
+                       help="a gradient with inf or NaN: skip the step (default) or fail the run")
     study.add_argument("--sharpness-every", type=int, help="measure λ_max every N epochs (0: only at the end)")
     study.add_argument("--sharpness-batch", type=int, help="images in the fixed sharpness batch")
     study.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -105,6 +107,7 @@ OVERRIDES = {
     "momentum": "momentum", "weight_decay": "weight_decay", "epochs": "epochs", "milestones": "milestones",
     "batch_size": "batch_size", "dataset": "dataset", "device": "device", "seed": "seed",
     "sharpness_every": "sharpness_every", "sharpness_batch": "sharpness_batch", "max_loss": "max_loss",
+    "nonfinite": "nonfinite",
 }
 
 

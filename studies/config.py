@@ -64,6 +64,7 @@ class RunConfig:
     train_subset: int = 0
     log_every: int = 1
     max_loss: float = math.inf  # a training loss above this marks the run diverged
+    nonfinite: str = "skip"  # a gradient with inf or NaN: "skip" the step, or "raise" (the run fails)
     sharpness_hvp: str = "double_backward"  # a fixed path keeps reruns bitwise identical; "auto" times both
 
     def __post_init__(self) -> None:
@@ -77,6 +78,7 @@ class RunConfig:
             (self.sharpness_every_steps >= 0, "sharpness_every_steps", self.sharpness_every_steps, "an integer >= 0"),
             (self.log_every >= 1, "log_every", self.log_every, "an integer >= 1"),
             (self.max_loss > 0, "max_loss", self.max_loss, "a number > 0"),
+            (self.nonfinite in ("skip", "raise"), "nonfinite", self.nonfinite, "'skip' or 'raise'"),
             (self.sharpness_hvp in ("auto", "double_backward", "forward_over_reverse"), "sharpness_hvp",
              self.sharpness_hvp, "auto, double_backward or forward_over_reverse"),
             (isinstance(self.width, int) and self.width >= 1, "width", self.width, "an integer >= 1"),

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from dynamics.clipping import DeltaGClip
+from dynamics.clipping import DeltaGClip, NonFiniteGradientError
 from dynamics.data import ImageDataset, TensorLoader, load_dataset
 from dynamics.losses import build_loss
 from dynamics.models import build_model
@@ -119,7 +119,7 @@ def build_trainer(config: RunConfig, dataset: ImageDataset, device: torch.device
     ]
     train_config = TrainConfig(
         epochs=config.epochs, milestones=config.milestones, lr_factor=config.lr_factor, progress=progress,
-        log_every=config.log_every, max_loss=config.max_loss,
+        log_every=config.log_every, max_loss=config.max_loss, nonfinite=config.nonfinite,
     )
     loss_fn = build_loss(config.loss)
     return Trainer(model, loss_fn, train_loader, test_loader, optimizer, train_config, probes, device, config.run_id,
@@ -190,7 +190,11 @@ def execute_run(config: RunConfig, dataset: ImageDataset, store: RunStore, progr
     log.info("run %s: %s", config.run_id, config.to_dict())
     checkpoint = store.start_run(config.run_id, config.to_dict())
     trainer = build_trainer(config, dataset, device, progress, checkpoint)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except NonFiniteGradientError as error:
+        log.error("%s failed: %s", config.run_id, error)
+        result = TrainResult(trainer.state.recorder, "failed", 0.0, str(error), trainer.state.step)
     frames = {name: pd.DataFrame(result.recorder.rows(name)) for name in ("steps", "epochs", "sharpness", "grad_hist", "probe_events")}
     row = summarize_run(config, result, frames, device)
     frames["runs"] = pd.DataFrame([row])

@@ -242,3 +242,27 @@ def test_diverged_run_is_reported_and_study_goes_on(tmp_path):
     assert runs.loc["sgd", "diverged_step"] >= 1
     assert runs.loc["gclip", "status"] == "completed"  # clipping keeps the same step size stable
     assert "diverged" in (out / "tables" / "runs.md").read_text()
+
+
+def test_nonfinite_raise_fails_the_run_and_keeps_rows(tmp_path, monkeypatch):
+    """With --on-nonfinite raise, a NaN gradient fails that run; its rows and the study survive."""
+    import studies.runner as runner
+
+    original = runner.build_trainer
+
+    def poisoned(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        first = trainer.params[0]
+        first.register_hook(lambda grad: grad * float("nan"))
+        return trainer
+
+    monkeypatch.setattr(runner, "build_trainer", poisoned)
+    out = tmp_path / "nan"
+    args = ["study", "depth", "--depths", "8", "--methods", "gclip", "--epochs", "1", "--on-nonfinite", "raise",
+            "--sharpness-every", "0", "--sharpness-batch", "16", "--no-progress", "-q", "--out", str(out)]
+    assert main(args) == 0
+    runs = pd.read_parquet(out / "frames" / "runs.parquet")
+    assert runs["status"].tolist() == ["failed"]
+    assert "holds inf or NaN" in runs["reason"].iloc[0]
+    steps = pd.read_parquet(out / "frames" / "steps.parquet")
+    assert steps["skipped"].tolist() == [True]

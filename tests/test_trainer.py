@@ -141,3 +141,22 @@ def test_grad_scaler_skipped_step_is_recorded():
     assert row["clip_active"] is False
     assert model.weight.item() == 0.0
     assert scaler.get_scale() < 2.0**16
+
+
+def test_nonfinite_gradient_raises_when_configured():
+    from dynamics.clipping import NonFiniteGradientError
+
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    # A finite loss whose gradient is inf: d/dw sqrt(w) at w = 0.
+    loss_fn = lambda outputs, targets: outputs.sum() * 0 + model.weight.sqrt().sum()  # noqa: E731
+    inputs = torch.ones(2, 1)
+    loader = TensorLoader(inputs, torch.zeros(2), 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = Trainer(model, loss_fn, loader, loader, optimizer, TrainConfig(1, progress=False, nonfinite="raise"),
+                      [ClipActivityProbe()])
+    with pytest.raises(NonFiniteGradientError, match="holds inf or NaN"):
+        trainer.fit()
+    assert trainer.state.recorder.rows("steps")[0]["skipped"] is True
+    assert model.weight.item() == 0.0
