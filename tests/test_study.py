@@ -104,6 +104,7 @@ def test_missing_cifar_exits_2(tmp_path, capsys):
         main(["study", "depth", "--dataset", "cifar10", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")])
     assert exit_info.value.code == 2
     assert "CIFAR-10 not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_report_on_empty_directory_exits_2(tmp_path, capsys):
