@@ -148,6 +148,7 @@ class Trainer:
         run_id: str = "",
         checkpoint_path: str | os.PathLike | None = None,
         scaler: "torch.amp.GradScaler | None" = None,
+        checkpoint_interval: float = 30.0,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
@@ -159,6 +160,11 @@ class Trainer:
         self.device = torch.device(device)
         self.run_id = run_id
         self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
+        # Seconds between checkpoints: one is written at the end of the first epoch that
+        # ends this long after the previous one (0: every epoch). A checkpoint holds every
+        # row recorded so far, so per-epoch saves of a run with thousands of one-step
+        # epochs (full-batch GD) would cost quadratic time.
+        self.checkpoint_interval = checkpoint_interval
         self.scaler = scaler
         self.scheduler = None
         if config.milestones:
@@ -254,8 +260,9 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train for ``config.epochs`` epochs, or until the loss diverges.
 
-        With a ``checkpoint_path``, the state is saved after every epoch, and a run
-        that finds a checkpoint there continues from it.
+        With a ``checkpoint_path``, the state is saved at epoch ends (at most every
+        ``checkpoint_interval`` seconds), and a run that finds a checkpoint there
+        continues from it.
         """
         config = self.config
         recorder = Recorder()
@@ -274,12 +281,15 @@ class Trainer:
         if self.checkpoint_path is not None and self.checkpoint_path.is_file():
             self.load_checkpoint(state)
         started = time.perf_counter() - state.elapsed
+        last_saved = time.perf_counter()
         try:
             for epoch in range(state.epoch + 1, config.epochs + 1):
                 self._train_epoch(state, epoch, started)
                 state.elapsed = time.perf_counter() - started
-                if self.checkpoint_path is not None:
+                due = time.perf_counter() - last_saved >= self.checkpoint_interval
+                if self.checkpoint_path is not None and due and epoch < config.epochs:
                     self.save_checkpoint(state)
+                    last_saved = time.perf_counter()
         except DivergenceError as error:
             log.error("%s", error)
             self._emit("on_train_end", state)

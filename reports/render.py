@@ -110,11 +110,13 @@ def render_report(directory: str | Path) -> Path:
     study_path = directory / "study.json"
     if study_path.is_file():
         study = json.loads(study_path.read_text())
-        lines += [
-            f"Study `{study.get('name')}`, preset `{study.get('preset')}`: depths {study.get('depths')}, "
-            f"methods {study.get('methods')}, δ {study.get('deltas')}.",
-            "",
-        ]
+        base = study.get("base", {})
+        if kind == "sharpness":
+            grid = (f"model {base.get('model')} {base.get('hidden')}, loss {base.get('loss')}, "
+                    f"step sizes {study.get('lrs') or [base.get('lr')]}, methods {study.get('methods')}")
+        else:
+            grid = f"depths {study.get('depths')}, methods {study.get('methods')}, δ {study.get('deltas')}"
+        lines += [f"Study `{study.get('name')}`, preset `{study.get('preset')}`: {grid}.", ""]
     counts = runs["status"].value_counts().to_dict()
     lines += [f"Runs: {len(runs)} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}).", ""]
     for name, table, caption in table_specs:

@@ -67,8 +67,11 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
     table = sort_runs(runs)
     return pd.DataFrame(
         {
+            "run_id": table["run_id"],
             "depth": table["depth"],
             "width": table["width"],
+            "optimizer": table.get("optimizer"),
+            "lr": table.get("lr"),
             "method": [method_label(m, d) for m, d in zip(table["method"], table["delta"])],
             "delta": table["delta"],
             "delta_star": [

@@ -44,6 +44,9 @@ def _list_of(kind: Callable[[str], object], name: str) -> Callable[[str], tuple]
             except ValueError as error:
                 detail = str(error) if name == "depth" and "6n+2" in str(error) else f"{item!r} is not a valid {name}"
                 raise argparse.ArgumentTypeError(f"invalid {name} list {text!r}: {detail}; {expected}") from None
+        if len(set(values)) != len(values):
+            why = " (a repeated milestone would multiply η by 0.1 twice)" if name == "milestone" else ""
+            raise argparse.ArgumentTypeError(f"invalid {name} list {text!r}: each value may appear once{why}")
         return tuple(values)
 
     return parse
@@ -78,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--momentum", type=float, help="heavy-ball momentum β in [0, 1)")
     study.add_argument("--weight-decay", type=float, help="L2 weight decay >= 0")
     study.add_argument("--epochs", type=int,
-                       help="training epochs >= 1; without --milestones the preset's decay epochs are scaled to match")
+                       help="training epochs >= 1 (in the sharpness study one epoch is one full-batch step); "
+                            "without --milestones the preset's decay epochs are scaled to match")
     study.add_argument("--milestones", type=_list_of(int, "milestone"),
                        help="distinct epochs after which η is multiplied by 0.1")
     study.add_argument("--batch-size", type=int, help="training batch size")
@@ -90,8 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--max-loss", type=float, help="mark a run diverged when a batch loss exceeds this (default: inf)")
     study.add_argument("--on-nonfinite", dest="nonfinite", choices=("skip", "raise"),
                        help="a gradient with inf or NaN: skip the step (default) or fail the run")
-    study.add_argument("--sharpness-every", type=int, help="measure λ_max every N epochs (0: only at the end)")
-    study.add_argument("--sharpness-batch", type=int, help="images in the fixed sharpness batch")
+    study.add_argument("--sharpness-every", type=int, help="measure λ_max every N epochs (0: only after the last)")
+    study.add_argument("--sharpness-every-steps", type=int,
+                       help="also measure λ_max every N optimizer steps (0: never; the sharpness study uses 25)")
+    study.add_argument("--sharpness-batch", type=int,
+                       help="training images in the fixed sharpness batch (at most the training set)")
+    study.add_argument("--checkpoint-interval", type=float, default=30.0,
+                       help="seconds between epoch-end checkpoints (0: after every epoch; default 30)")
     study.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     study.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
 
@@ -107,7 +116,7 @@ OVERRIDES = {
     "momentum": "momentum", "weight_decay": "weight_decay", "epochs": "epochs", "milestones": "milestones",
     "batch_size": "batch_size", "dataset": "dataset", "device": "device", "seed": "seed",
     "sharpness_every": "sharpness_every", "sharpness_batch": "sharpness_batch", "max_loss": "max_loss",
-    "nonfinite": "nonfinite",
+    "nonfinite": "nonfinite", "sharpness_every_steps": "sharpness_every_steps",
 }
 
 
@@ -129,10 +138,9 @@ def _prepare_study(args: argparse.Namespace, parser: argparse.ArgumentParser):
             overrides["milestones"] = tuple(
                 sorted({max(1, round(m * overrides["epochs"] / old_epochs)) for m in old_milestones})
             ) if overrides["epochs"] > 1 else ()
+    if args.checkpoint_interval < 0:
+        parser.error(f"invalid --checkpoint-interval {args.checkpoint_interval}: expected seconds >= 0")
     milestones = overrides.get("milestones", ())
-    if len(set(milestones)) != len(milestones):
-        parser.error(f"invalid --milestones {','.join(map(str, milestones))}: each epoch may appear once "
-                     "(a repeated milestone would multiply η by 0.1 twice)")
     if milestones:
         overrides["milestones"] = tuple(sorted(milestones))
     try:
@@ -200,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("study %s (preset %s): %d runs into %s", study.name, study.preset, len(runs), out)
     try:
         with RunStore(out).lock():
-            run_study(study, out, progress=False if args.no_progress else None, dataset=dataset)
+            run_study(study, out, progress=False if args.no_progress else None, dataset=dataset,
+                      checkpoint_interval=args.checkpoint_interval)
             from reports import render_report
 
             print(render_report(out))

@@ -89,7 +89,7 @@ def _build_model(config: RunConfig, dataset: ImageDataset) -> nn.Module:
 
 
 def build_trainer(config: RunConfig, dataset: ImageDataset, device: torch.device, progress: bool | None = None,
-                  checkpoint_path: Path | None = None) -> Trainer:
+                  checkpoint_path: Path | None = None, checkpoint_interval: float = 30.0) -> Trainer:
     """Build model, optimizer, loaders, probes and trainer for one run, seeded by ``config.seed``."""
     torch.manual_seed(config.seed)
     model = _build_model(config, dataset).to(device)
@@ -123,7 +123,7 @@ def build_trainer(config: RunConfig, dataset: ImageDataset, device: torch.device
     )
     loss_fn = build_loss(config.loss)
     return Trainer(model, loss_fn, train_loader, test_loader, optimizer, train_config, probes, device, config.run_id,
-                   checkpoint_path=checkpoint_path)
+                   checkpoint_path=checkpoint_path, checkpoint_interval=checkpoint_interval)
 
 
 def summarize_run(config: RunConfig, result: TrainResult, frames: dict[str, pd.DataFrame], device: torch.device) -> dict:
@@ -183,13 +183,14 @@ def summarize_run(config: RunConfig, result: TrainResult, frames: dict[str, pd.D
     return row
 
 
-def execute_run(config: RunConfig, dataset: ImageDataset, store: RunStore, progress: bool | None = None) -> dict:
+def execute_run(config: RunConfig, dataset: ImageDataset, store: RunStore, progress: bool | None = None,
+                checkpoint_interval: float = 30.0) -> dict:
     """Train one run, write its frames and status, and return its ``runs`` row."""
     device = select_device(config.device)
     dataset.to(device)
     log.info("run %s: %s", config.run_id, config.to_dict())
     checkpoint = store.start_run(config.run_id, config.to_dict())
-    trainer = build_trainer(config, dataset, device, progress, checkpoint)
+    trainer = build_trainer(config, dataset, device, progress, checkpoint, checkpoint_interval)
     try:
         result = trainer.fit()
     except NonFiniteGradientError as error:
@@ -207,7 +208,8 @@ def execute_run(config: RunConfig, dataset: ImageDataset, store: RunStore, progr
 
 
 def run_study(
-    study: StudyConfig, out: str | Path, progress: bool | None = None, dataset: ImageDataset | None = None
+    study: StudyConfig, out: str | Path, progress: bool | None = None, dataset: ImageDataset | None = None,
+    checkpoint_interval: float = 30.0,
 ) -> RunStore:
     """Run every run of ``study`` into ``out``, skipping runs already finished with the same config.
 
@@ -228,7 +230,7 @@ def run_study(
         if key not in datasets:
             datasets[key] = load_dataset(config.dataset, config.data_root)
         log.info("[%d/%d] %s", index, len(runs), config.run_id)
-        row = execute_run(config, datasets[key], store, progress)
+        row = execute_run(config, datasets[key], store, progress, checkpoint_interval)
         log.info(
             "[%d/%d] %s %s: final test acc %.4f, final λ_max %.4g vs 2/h %.4g, %.1f s",
             index, len(runs), config.run_id, row["status"], row["final_test_acc"],

@@ -12,7 +12,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = [sys.executable, "-m", "studies.cli", "study", "depth", "--depths", "8", "--methods", "dgclip",
            "--deltas", "0.2", "--epochs", "4", "--sharpness-every", "2", "--sharpness-batch", "64",
-           "--batch-size", "128", "--no-progress", "--out"]
+           "--batch-size", "128", "--checkpoint-interval", "0", "--no-progress", "--out"]
 TIMING = {"wall_time", "epoch_time"}
 
 

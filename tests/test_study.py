@@ -153,7 +153,8 @@ def test_study_without_dgclip_renders_report(tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--epochs", "4", "--milestones", "1,1"], "each epoch may appear once"),
+        (["--epochs", "4", "--milestones", "1,1"], "each value may appear once (a repeated milestone"),
+        (["--lr", "0.1,0.1"], "invalid lr list '0.1,0.1': each value may appear once"),
         (["--data-root", "/tmp"], "applies to --dataset cifar10 only"),
         (["--lr", "inf"], "a finite number > 0"),
         (["--deltas", "0.2,x"], "'x' is not a valid delta"),

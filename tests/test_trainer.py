@@ -160,3 +160,22 @@ def test_nonfinite_gradient_raises_when_configured():
         trainer.fit()
     assert trainer.state.recorder.rows("steps")[0]["skipped"] is True
     assert model.weight.item() == 0.0
+
+
+def test_checkpoint_interval_limits_saves(digits, tmp_path, monkeypatch):
+    """Saving every one-step epoch of full-batch GD made a 1,500-step run 40x slower."""
+    calls = []
+    monkeypatch.setattr(Trainer, "save_checkpoint", lambda self, state: calls.append(state.epoch))
+
+    def fit(interval):
+        calls.clear()
+        torch.manual_seed(0)
+        model = CifarResNet(8, in_channels=1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loader = TensorLoader(digits.train_x[:64], digits.train_y[:64], 64)
+        Trainer(model, nn.CrossEntropyLoss(), loader, loader, opt, TrainConfig(5, progress=False),
+                checkpoint_path=tmp_path / "checkpoint.pt", checkpoint_interval=interval).fit()
+        return list(calls)
+
+    assert fit(0.0) == [1, 2, 3, 4]  # never after the last epoch: the run's frames follow
+    assert fit(3600.0) == []
