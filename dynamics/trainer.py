@@ -131,7 +131,7 @@ class Trainer:
 
     With a ``scaler`` (``torch.amp.GradScaler``, for mixed precision) the loss is
     scaled for backward and the gradients are unscaled before the measurement, so
-    norms, clipping and probes use true gradients; a step the scaler skips is
+    norms, clipping and probes use true gradients. A step the scaler skips is
     recorded as skipped.
     """
 
@@ -161,7 +161,7 @@ class Trainer:
         self.run_id = run_id
         self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
         # Seconds between checkpoints: one is written at the end of the first epoch that
-        # ends this long after the previous one (0: every epoch). A checkpoint holds every
+        # ends this long after the previous one (0: every epoch). A checkpoint contains every
         # row recorded so far, so per-epoch saves of a run with thousands of one-step
         # epochs (full-batch GD) would cost quadratic time.
         self.checkpoint_interval = checkpoint_interval

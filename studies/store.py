@@ -68,7 +68,7 @@ class RunStore:
         return self.root / "runs" / run_id
 
     def finished(self, run_id: str, config: dict[str, Any]) -> bool:
-        """Whether ``run_id`` finished (completed or diverged) with exactly ``config``."""
+        """Return whether ``run_id`` finished (completed, diverged or failed) with exactly ``config``."""
         status_path = self.run_dir(run_id) / "status.json"
         config_path = self.run_dir(run_id) / "config.json"
         if not status_path.is_file() or not config_path.is_file():
@@ -78,7 +78,7 @@ class RunStore:
     def start_run(self, run_id: str, config: dict[str, Any]) -> Path:
         """Prepare a run directory and return its checkpoint path.
 
-        A checkpoint left by an interrupted run is kept when ``config.json`` holds the
+        A checkpoint left by an interrupted run is kept when ``config.json`` contains the
         same config, so the trainer resumes from it; otherwise it is deleted.
         """
         directory = self.run_dir(run_id)
