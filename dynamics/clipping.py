@@ -34,7 +34,7 @@ EPS = 1e-8
 
 @dataclass(frozen=True)
 class StepMeasurement:
-    """What one step measured and decided, shared by the clipping rule and the probes.
+    """Measurement and clip decision of one step, shared by the clipping rule and the probes.
 
     ``grad_norm`` is the global L2 norm of ``.grad`` before clipping; ``lr`` is η, the
     first parameter group's learning rate before the clip factor; ``effective_lr`` is
@@ -59,7 +59,7 @@ def global_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     Parameters without a gradient are skipped. Per-tensor norms come from one fused
     ``torch._foreach_norm`` call per device and dtype, accumulated in float32. When
     that overflows (finite elements of about 1e19 or more square past float32's
-    range), the norm is recomputed in float64, so only a gradient that holds inf or
+    range), the norm is recomputed in float64, so only a gradient that contains inf or
     NaN has a non-finite norm.
     """
     grads = [p.grad for p in params if p.grad is not None]
@@ -224,7 +224,7 @@ class DeltaGClip(Optimizer):
             self.skipped_steps += 1
             if self.nonfinite == "raise":
                 raise NonFiniteGradientError(
-                    f"gradient norm is {measurement.grad_norm} at step {self.steps}: the gradient holds inf or NaN; "
+                    f"invalid gradient at step {self.steps}: norm {measurement.grad_norm}, the gradient contains inf or NaN; "
                     "lower the learning rate, or use nonfinite='skip' to skip such steps"
                 )
             return loss

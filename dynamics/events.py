@@ -4,7 +4,7 @@ A callback (a probe) overrides any of these methods; the trainer calls them in t
 order for every optimizer step and epoch:
 
 1. ``on_train_start(state)``: once, before the first step.
-2. ``after_backward(state)``: ``.grad`` holds g_t, ``state.measurement`` holds ‖g_t‖
+2. ``after_backward(state)``: ``.grad`` contains g_t, ``state.measurement`` contains ‖g_t‖
    and the clip decision, and the parameters are still x_t.
 3. ``after_step(state)``: the optimizer has moved the parameters to x_{t+1}.
 4. ``on_epoch_end(state)``: the test set has been evaluated and the model is back
@@ -46,7 +46,7 @@ class Recorder:
 
 @dataclass
 class TrainState:
-    """What a callback can read at an event. ``epoch`` and ``step`` count from 1."""
+    """Training state a callback reads at an event. ``epoch`` and ``step`` count from 1."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer

@@ -342,16 +342,16 @@ class Trainer:
             if state.measurement.skipped and config.nonfinite == "raise":
                 state.recorder.append("steps", state.step_row)
                 raise NonFiniteGradientError(
-                    f"gradient norm is {state.measurement.grad_norm} at epoch {epoch}, step {state.step}: the "
-                    "gradient holds inf or NaN; lower the learning rate, or skip such steps (nonfinite='skip')"
+                    f"invalid gradient at epoch {epoch}, step {state.step}: norm {state.measurement.grad_norm}, the "
+                    "gradient contains inf or NaN; lower the learning rate, or skip such steps (nonfinite='skip')"
                 )
             if self.scaler is not None:
-                # The scaler skips a step whose unscaled gradient holds inf or NaN; the
+                # The scaler skips a step whose unscaled gradient contains inf or NaN. The
                 # measurement already marks it skipped, and the scale shrinks.
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             elif state.measurement.skipped and not isinstance(self.optimizer, DeltaGClip):
-                log.warning("step %d skipped: the gradient holds inf or NaN (norm %s)", state.step,
+                log.warning("step %d skipped: the gradient contains inf or NaN (norm %s)", state.step,
                             state.measurement.grad_norm)
             else:
                 self.optimizer.step()  # δ-GClip skips (or raises on) a non-finite step itself

@@ -95,8 +95,8 @@ class HessianOperator:
         self.loss_fn = loss_fn
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if params is not None:
-            wanted = {id(p) for p in params}
-            named = [(name, p) for name, p in named if id(p) in wanted]
+            requested = {id(p) for p in params}
+            named = [(name, p) for name, p in named if id(p) in requested]
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         self.dim = sum(p.numel() for p in self.params)
@@ -349,7 +349,7 @@ def lanczos(
     only in the last case.
     ``start`` (for example the previous estimate's eigenvector) seeds the Krylov
     space; without it a Gaussian vector is drawn from ``generator``. ``callback(j, θ)``
-    sees the top Ritz value after each product (benchmarks use it).
+    receives the top Ritz value after each product (benchmarks use it).
     """
     if max_iter < 1 or k < 1:
         raise ValueError(f"invalid max_iter={max_iter} or k={k}: expected integers >= 1")

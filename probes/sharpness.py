@@ -50,7 +50,7 @@ class SharpnessProbe(Callback):
     or AdamW the probe also measures the preconditioned sharpness λ_max(P^-1/2 H P^-1/2),
     P = diag(sqrt(v̂) + ε) from the optimizer's own state, against (2+2β1)/(h(1−β1))
     (row ``preconditioned=True``); the raw λ_max row against 2/h is kept and a warning
-    says it is not the stability criterion for Adam. A model whose operations have no
+    notes that it is not the stability criterion for Adam. A model whose operations have no
     second derivative switches the probe off with a logged reason, recorded in the
     ``probe_events`` frame, and training goes on.
     """

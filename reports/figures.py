@@ -187,7 +187,7 @@ def lambda_vs_threshold_figure(sharpness: pd.DataFrame, runs: pd.DataFrame) -> p
                 ax.scatter(points["_x"], points["_y"], s=12, marker=marker, color=palette[key], alpha=0.8, linewidths=0)
         finite_x, finite_y = x_all[np.isfinite(x_all)], y_all[np.isfinite(y_all)]
         if finite_x.size and finite_y.size:
-            # The line λ = 2/h over the part of the plot that holds data.
+            # The line λ = 2/h, drawn only over the range that contains data.
             low = max(finite_x.min(), finite_y.min()) / 1.2
             high = min(finite_x.max(), finite_y.max()) * 1.2
             if low < high:

@@ -45,8 +45,8 @@ def _list_of(kind: Callable[[str], object], name: str) -> Callable[[str], tuple]
                 detail = str(error) if name == "depth" and "6n+2" in str(error) else f"{item!r} is not a valid {name}"
                 raise argparse.ArgumentTypeError(f"invalid {name} list {text!r}: {detail}; {expected}") from None
         if len(set(values)) != len(values):
-            why = " (a repeated milestone would multiply η by 0.1 twice)" if name == "milestone" else ""
-            raise argparse.ArgumentTypeError(f"invalid {name} list {text!r}: each value may appear once{why}")
+            reason = " (a repeated milestone would multiply η by 0.1 twice)" if name == "milestone" else ""
+            raise argparse.ArgumentTypeError(f"invalid {name} list {text!r}: each value may appear once{reason}")
         return tuple(values)
 
     return parse
@@ -110,19 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-OVERRIDES = {
-    "depths": "depths", "widths": "widths", "deltas": "deltas", "methods": "methods", "gamma": "gamma",
-    "optimizer": "optimizer",
-    "momentum": "momentum", "weight_decay": "weight_decay", "epochs": "epochs", "milestones": "milestones",
-    "batch_size": "batch_size", "dataset": "dataset", "device": "device", "seed": "seed",
-    "sharpness_every": "sharpness_every", "sharpness_batch": "sharpness_batch", "max_loss": "max_loss",
-    "nonfinite": "nonfinite", "sharpness_every_steps": "sharpness_every_steps",
-}
+# Options whose parsed value overrides the preset field (or grid key) of the same name.
+OVERRIDES = (
+    "depths", "widths", "deltas", "methods", "gamma", "optimizer", "momentum", "weight_decay", "epochs",
+    "milestones", "batch_size", "dataset", "device", "seed", "sharpness_every", "sharpness_batch", "max_loss",
+    "nonfinite", "sharpness_every_steps",
+)
 
 
 def _prepare_study(args: argparse.Namespace, parser: argparse.ArgumentParser):
     """Build and validate the study; every failure exits with status 2 before any write."""
-    overrides = {key: getattr(args, attr) for attr, key in OVERRIDES.items() if getattr(args, attr) is not None}
+    overrides = {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
     if args.data_root is not None:
         overrides["data_root"] = str(args.data_root)
     if args.lr is not None:

@@ -145,7 +145,7 @@ def _positive(value: float) -> bool:
 class StudyConfig:
     """A grid: every depth x width x method (one ``dgclip`` run per δ) x step size.
 
-    ``base`` holds the settings shared by every run.
+    ``base`` contains the settings shared by every run.
     """
 
     name: str

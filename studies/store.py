@@ -67,13 +67,14 @@ class RunStore:
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id
 
+    def _has_config(self, run_id: str, config: dict[str, Any]) -> bool:
+        """Return whether the run's ``config.json`` exists and equals ``config`` as JSON."""
+        path = self.run_dir(run_id) / "config.json"
+        return path.is_file() and json.loads(path.read_text()) == json.loads(json.dumps(config, default=str))
+
     def finished(self, run_id: str, config: dict[str, Any]) -> bool:
         """Return whether ``run_id`` finished (completed, diverged or failed) with exactly ``config``."""
-        status_path = self.run_dir(run_id) / "status.json"
-        config_path = self.run_dir(run_id) / "config.json"
-        if not status_path.is_file() or not config_path.is_file():
-            return False
-        return json.loads(config_path.read_text()) == json.loads(json.dumps(config, default=str))
+        return (self.run_dir(run_id) / "status.json").is_file() and self._has_config(run_id, config)
 
     def start_run(self, run_id: str, config: dict[str, Any]) -> Path:
         """Prepare a run directory and return its checkpoint path.
@@ -83,12 +84,10 @@ class RunStore:
         """
         directory = self.run_dir(run_id)
         checkpoint = directory / "checkpoint.pt"
-        config_path = directory / "config.json"
-        same = config_path.is_file() and json.loads(config_path.read_text()) == json.loads(json.dumps(config, default=str))
-        if not same:
+        if not self._has_config(run_id, config):
             checkpoint.unlink(missing_ok=True)
         (directory / "status.json").unlink(missing_ok=True)
-        atomic_write_json(config_path, config)
+        atomic_write_json(directory / "config.json", config)
         return checkpoint
 
     def write_study(self, study: dict[str, Any]) -> None:

@@ -265,6 +265,6 @@ def test_nonfinite_raise_fails_the_run_and_keeps_rows(tmp_path, monkeypatch):
     assert main(args) == 0
     runs = pd.read_parquet(out / "frames" / "runs.parquet")
     assert runs["status"].tolist() == ["failed"]
-    assert "holds inf or NaN" in runs["reason"].iloc[0]
+    assert "contains inf or NaN" in runs["reason"].iloc[0]
     steps = pd.read_parquet(out / "frames" / "steps.parquet")
     assert steps["skipped"].tolist() == [True]

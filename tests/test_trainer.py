@@ -156,7 +156,7 @@ def test_nonfinite_gradient_raises_when_configured():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     trainer = Trainer(model, loss_fn, loader, loader, optimizer, TrainConfig(1, progress=False, nonfinite="raise"),
                       [ClipActivityProbe()])
-    with pytest.raises(NonFiniteGradientError, match="holds inf or NaN"):
+    with pytest.raises(NonFiniteGradientError, match="contains inf or NaN"):
         trainer.fit()
     assert trainer.state.recorder.rows("steps")[0]["skipped"] is True
     assert model.weight.item() == 0.0
