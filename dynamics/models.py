@@ -64,6 +64,23 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+def build_trunk(in_channels: int, channels: list[int], blocks_per_stage: int, shortcut: str) -> tuple[nn.Module, nn.Module]:
+    """Build a 3x3 conv-BN-ReLU stem and the stages of basic blocks; every stage after the first halves the size."""
+    stem = nn.Sequential(
+        nn.Conv2d(in_channels, channels[0], 3, 1, 1, bias=False),
+        nn.BatchNorm2d(channels[0]),
+        nn.ReLU(inplace=True),
+    )
+    blocks = []
+    previous = channels[0]
+    for stage, out_channels in enumerate(channels):
+        for block in range(blocks_per_stage):
+            stride = 2 if stage > 0 and block == 0 else 1
+            blocks.append(BasicBlock(previous, out_channels, stride, shortcut))
+            previous = out_channels
+    return stem, nn.Sequential(*blocks)
+
+
 class CifarResNet(nn.Module):
     """CIFAR-ResNet of depth 6n+2 and width multiplier k.
 
@@ -94,19 +111,7 @@ class CifarResNet(nn.Module):
         self.depth, self.width = depth, width
 
         channels = [16 * width, 32 * width, 64 * width]
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, channels[0], 3, 1, 1, bias=False),
-            nn.BatchNorm2d(channels[0]),
-            nn.ReLU(inplace=True),
-        )
-        stages = []
-        previous = channels[0]
-        for stage, out_channels in enumerate(channels):
-            for block in range(blocks_per_stage):
-                stride = 2 if stage > 0 and block == 0 else 1
-                stages.append(BasicBlock(previous, out_channels, stride, shortcut))
-                previous = out_channels
-        self.blocks = nn.Sequential(*stages)
+        self.stem, self.blocks = build_trunk(in_channels, channels, blocks_per_stage, shortcut)
         self.classifier = nn.Linear(channels[-1], num_classes)
 
         for module in self.modules():
@@ -125,13 +130,44 @@ class CifarResNet(nn.Module):
         return self.classifier(out)
 
 
-MODELS = ("resnet", "mlp")
+class ResNet18(nn.Module):
+    """ResNet-18 (He et al., 2016) adapted to 32x32 inputs, as commonly used on CIFAR-10.
+
+    The ImageNet stem (7x7 stride-2 convolution and max pooling) is replaced by one 3x3
+    stride-1 convolution, so a 32x32 image reaches the last stage at 4x4. Four stages
+    of two basic blocks have 64k, 128k, 256k and 512k channels for width multiplier k.
+    Stages two to four halve the spatial size and use projection shortcuts where the
+    shape changes. About 11.2M parameters at k = 1 with 10 classes.
+    """
+
+    def __init__(self, width: int = 1, in_channels: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"invalid ResNet-18 width={width!r}: expected an integer multiplier >= 1")
+        self.width = width
+        channels = [64 * width, 128 * width, 256 * width, 512 * width]
+        self.stem, self.blocks = build_trunk(in_channels, channels, 2, "projection")
+        self.classifier = nn.Linear(channels[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.blocks(self.stem(x))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)  # (batch, 512k)
+        return self.classifier(out)
+
+
+MODELS = ("resnet", "resnet18", "mlp")
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
-    """Build a model by registry name: ``resnet`` (:class:`CifarResNet`) or ``mlp`` (:class:`MLP`)."""
+    """Build a model by registry name: ``resnet`` (:class:`CifarResNet`), ``resnet18`` or ``mlp``.
+
+    ``resnet18`` ignores a ``depth`` keyword, which the study runner passes to every ResNet.
+    """
     if name == "resnet":
         return CifarResNet(**kwargs)
+    if name == "resnet18":
+        kwargs.pop("depth", None)
+        return ResNet18(**kwargs)
     if name == "mlp":
         return MLP(**kwargs)
     raise ValueError(f"unknown model {name!r}: known models are {list(MODELS)}")

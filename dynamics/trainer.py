@@ -94,6 +94,9 @@ class TrainConfig:
     warmup_epochs: int | None = None  # δ-GClip only in the first epochs, then unclipped
     log_every: int = 1  # log the epoch line every this many epochs, and after the last
     nonfinite: str = "skip"  # a gradient with inf or NaN: "skip" the step, or "raise" NonFiniteGradientError
+    autocast: str = "none"  # "bf16": forward and loss under bfloat16 autocast; gradients stay float32
+    channels_last: bool = False  # feed 4-D inputs in channels-last memory format (convert the model too)
+    compile: bool = False  # run forward passes through torch.compile; probes see the eager module
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -107,6 +110,8 @@ class TrainConfig:
             raise ValueError(f"invalid lr_factor={self.lr_factor}: expected a number in (0, 1]")
         if self.nonfinite not in ("skip", "raise"):
             raise ValueError(f"invalid nonfinite={self.nonfinite!r}: expected 'skip' or 'raise'")
+        if self.autocast not in ("none", "bf16"):
+            raise ValueError(f"invalid autocast={self.autocast!r}: expected 'none' or 'bf16'")
 
 
 @dataclass
@@ -176,31 +181,50 @@ class Trainer:
             if not isinstance(optimizer, DeltaGClip):
                 raise ValueError("warmup_epochs needs a DeltaGClip optimizer")
             self.warmup = DeltaWarmup(optimizer, config.warmup_epochs)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        # Forward passes go through ``self.forward``; probes get the eager ``self.model``, because
+        # a compiled module has no double backward. Both share the parameters.
+        self.forward = torch.compile(model) if config.compile else model
+
+    def _autocast(self):
+        enabled = self.config.autocast == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.config.channels_last and inputs.dim() == 4:
+            return inputs.contiguous(memory_format=torch.channels_last)
+        return inputs
 
     def _emit(self, event: str, state: TrainState) -> None:
         for callback in self.callbacks:
             getattr(callback, event)(state)
 
-    def _measure(self):
+    def _measure(self, loss: torch.Tensor):
+        """Return (loss value, step measurement), fetching the loss and ‖g‖ in one host sync."""
+        norm = global_grad_norm(self.params)
+        loss_value, grad_norm = torch.stack([loss.detach().float(), norm.to(loss.device)]).tolist()
         if isinstance(self.optimizer, DeltaGClip):
-            return self.optimizer.measure()
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        return unclipped_step(global_grad_norm(self.params).item(), lr)
+            return loss_value, self.optimizer.measure(grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        lr = lr.item() if isinstance(lr, torch.Tensor) else float(lr)
+        return loss_value, unclipped_step(grad_norm, lr)
 
     @torch.no_grad()
     def evaluate(self, loader: TensorLoader) -> tuple[float, float]:
         """Return (mean loss, accuracy) of the model in eval mode over ``loader``."""
         was_training = self.model.training
         self.model.eval()
-        total_loss, correct, count = 0.0, 0, 0
+        total_loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        count = 0
         for inputs, targets in loader:
-            outputs = self.model(inputs)
-            total_loss += self.loss_fn(outputs, targets).item() * len(targets)
-            correct += (outputs.argmax(1) == targets).sum().item()
+            with self._autocast():
+                outputs = self.forward(self._inputs(inputs))
+                total_loss += self.loss_fn(outputs, targets).double() * len(targets)
+            correct += (outputs.argmax(1) == targets).sum()
             count += len(targets)
         self.model.train(was_training)
-        return total_loss / count, correct / count
+        return total_loss.item() / count, correct.item() / count
 
     def checkpoint_state(self, state: TrainState) -> dict:
         """Collect everything needed to continue bit for bit after the current epoch."""
@@ -303,7 +327,8 @@ class Trainer:
         if self.warmup is not None:
             self.warmup.set_epoch(epoch - 1)
         epoch_started = time.perf_counter()
-        loss_sum, correct, count = 0.0, 0, 0
+        loss_sum, count = 0.0, 0
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)  # summed on the device: no sync per step
         bar = tqdm(
             self.train_loader,
             desc=f"epoch {epoch}/{config.epochs}",
@@ -311,8 +336,9 @@ class Trainer:
             disable=None if config.progress is None else not config.progress,
         )
         for inputs, targets in bar:
-            outputs = self.model(inputs)
-            loss = self.loss_fn(outputs, targets)
+            with self._autocast():
+                outputs = self.forward(self._inputs(inputs))
+                loss = self.loss_fn(outputs, targets)
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -324,8 +350,9 @@ class Trainer:
 
             state.step += 1
             state.inputs, state.targets = inputs, targets
-            state.loss = loss.item()  # host sync: the divergence check needs the value
-            state.measurement = self._measure()
+            # The one host sync of a step: the divergence check needs the loss, and the clip
+            # factor (a learning-rate multiplier) needs ‖g‖.
+            state.loss, state.measurement = self._measure(loss)
             state.step_row = {
                 "run_id": self.run_id,
                 "epoch": epoch,
@@ -359,7 +386,7 @@ class Trainer:
             state.recorder.append("steps", state.step_row)
 
             loss_sum += state.loss * len(targets)
-            correct += (outputs.detach().argmax(1) == targets).sum().item()
+            correct += (outputs.detach().argmax(1) == targets).sum()
             count += len(targets)
         bar.close()
 
@@ -369,7 +396,7 @@ class Trainer:
             "run_id": self.run_id,
             "epoch": epoch,
             "train_loss": loss_sum / count,
-            "train_acc": correct / count,
+            "train_acc": correct.item() / count,
             "test_loss": test_loss,
             "test_acc": test_acc,
             "lr": lr,

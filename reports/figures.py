@@ -72,10 +72,10 @@ STANDARD_DELTAS = (0.01, 0.03, 0.08, 0.2, 0.45, 0.9)
 
 def _palette(keys: list[tuple[str, float | None]]) -> dict[tuple[str, float | None], tuple]:
     colors = sns.color_palette("colorblind", n_colors=10)
-    fixed = {("sgd", None): colors[7], ("gclip", None): colors[3]}
+    fixed = {("sgd", None): colors[7], ("adam", None): colors[9], ("gclip", None): colors[3]}
     for index, delta in zip((0, 1, 2, 4, 5, 8), STANDARD_DELTAS):
         fixed[("dgclip", delta)] = colors[index]
-    spare = [colors[6], colors[9]]
+    spare = [colors[6]]
     palette = {}
     for key in keys:
         if key in fixed:
@@ -86,13 +86,13 @@ def _palette(keys: list[tuple[str, float | None]]) -> dict[tuple[str, float | No
 
 
 def _linestyle(method: str) -> str:
-    return {"sgd": ":", "gclip": "--"}.get(method, "-")
+    return {"sgd": ":", "adam": "-.", "gclip": "--"}.get(method, "-")
 
 
 def _zorder(method: str) -> int:
     # Baselines are dashed and drawn on top, so a δ-GClip run identical to them
     # (a floor that never binds) does not hide them.
-    return {"sgd": 4, "gclip": 3}.get(method, 2)
+    return {"sgd": 4, "adam": 4, "gclip": 3}.get(method, 2)
 
 
 def _panels(count: int, ncols_max: int = 3, sharey: bool = True):
@@ -123,17 +123,18 @@ def _legend(fig: plt.Figure, axes: list[plt.Axes]) -> None:
         fig.tight_layout(rect=(0, 0, 1, 0.9))
 
 
-def lines_by_depth(
-    frame: pd.DataFrame, runs: pd.DataFrame, x: str, y: str, ylabel: str, xlabel: str = "epoch", log_y: bool = True
+def lines_by_panel(
+    frame: pd.DataFrame, runs: pd.DataFrame, x: str, y: str, ylabel: str, xlabel: str = "epoch", log_y: bool = True,
+    by: str = "depth",
 ) -> plt.Figure:
-    """Draw ``y`` against ``x`` with one panel per depth and one line per method."""
+    """Draw ``y`` against ``x`` with one panel per value of ``by`` (depth or width) and one line per method."""
     with plt.rc_context(STYLE):
         data = _with_method(frame, runs)
-        depths = sorted(data["depth"].unique()) if not data.empty else []
+        depths = sorted(data[by].unique()) if not data.empty else []
         fig, axes = _panels(len(depths) or 1)
         palette = _palette(_method_keys(data)) if not data.empty else {}
         for ax, depth in zip(axes, depths):
-            panel = data[data["depth"] == depth]
+            panel = data[data[by] == depth]
             masked_total = 0
             for key in _method_keys(panel):
                 line = _select(panel, key)
@@ -145,7 +146,7 @@ def lines_by_depth(
             if log_y:
                 ax.set_yscale("log")
             note_masked(ax, masked_total)
-            ax.set_title(f"depth {depth}")
+            ax.set_title(f"{by} {depth}")
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3, linewidth=0.5)
         axes[0].set_ylabel(ylabel)
@@ -155,18 +156,18 @@ def lines_by_depth(
         return fig
 
 
-def eos_deviation_figure(sharpness: pd.DataFrame, runs: pd.DataFrame) -> plt.Figure:
-    """|λ_max − 2/h| over training: one panel per depth, one line per method."""
+def eos_deviation_figure(sharpness: pd.DataFrame, runs: pd.DataFrame, by: str = "depth") -> plt.Figure:
+    """|λ_max − 2/h| over training: one panel per depth (or width), one line per method."""
     data = sharpness[sharpness["threshold_kind"] == "2/h"] if not sharpness.empty else sharpness
-    return lines_by_depth(data, runs, "epoch", "deviation", r"$|\lambda_{\max} - 2/h|$")
+    return lines_by_panel(data, runs, "epoch", "deviation", r"$|\lambda_{\max} - 2/h|$", by=by)
 
 
-def effective_lr_figure(epochs: pd.DataFrame, runs: pd.DataFrame) -> plt.Figure:
-    """Epoch mean of the effective step size h_t: one panel per depth, one line per method."""
-    return lines_by_depth(epochs, runs, "epoch", "mean_effective_lr", "mean effective step size $h$")
+def effective_lr_figure(epochs: pd.DataFrame, runs: pd.DataFrame, by: str = "depth") -> plt.Figure:
+    """Epoch mean of the effective step size h_t: one panel per depth (or width), one line per method."""
+    return lines_by_panel(epochs, runs, "epoch", "mean_effective_lr", "mean effective step size $h$", by=by)
 
 
-def lambda_vs_threshold_figure(sharpness: pd.DataFrame, runs: pd.DataFrame) -> plt.Figure:
+def lambda_vs_threshold_figure(sharpness: pd.DataFrame, runs: pd.DataFrame, by: str = "depth") -> plt.Figure:
     """Every λ_max measurement against its 2/h, one colour per method, with the line λ = 2/h."""
     with plt.rc_context(STYLE):
         data = _with_method(sharpness[sharpness["threshold_kind"] == "2/h"], runs) if not sharpness.empty else sharpness
@@ -176,14 +177,14 @@ def lambda_vs_threshold_figure(sharpness: pd.DataFrame, runs: pd.DataFrame) -> p
             return fig
         keys = _method_keys(data)
         palette = _palette(keys)
-        markers = dict(zip(sorted(data["depth"].unique()), "o^sDvp<>h*"))
+        markers = dict(zip(sorted(data[by].unique()), "o^sDvp<>h*"))
         x_all, x_masked = log_mask(data["threshold"])
         y_all, y_masked = log_mask(data["lambda_max"])
         data = data.assign(_x=x_all, _y=y_all)
         for key in keys:
             for depth, marker in markers.items():
                 points = _select(data, key)
-                points = points[points["depth"] == depth]
+                points = points[points[by] == depth]
                 ax.scatter(points["_x"], points["_y"], s=12, marker=marker, color=palette[key], alpha=0.8, linewidths=0)
         finite_x, finite_y = x_all[np.isfinite(x_all)], y_all[np.isfinite(y_all)]
         if finite_x.size and finite_y.size:
@@ -194,7 +195,7 @@ def lambda_vs_threshold_figure(sharpness: pd.DataFrame, runs: pd.DataFrame) -> p
                 ax.plot([low, high], [low, high], color="0.3", linewidth=0.8, linestyle="--")
         handles = [plt.Line2D([], [], color=palette[key], marker="o", linestyle="", markersize=4, label=method_label(*key))
                    for key in keys]
-        handles += [plt.Line2D([], [], color="0.4", marker=marker, linestyle="", markersize=4, label=f"depth {depth}")
+        handles += [plt.Line2D([], [], color="0.4", marker=marker, linestyle="", markersize=4, label=f"{by} {depth}")
                     for depth, marker in markers.items()]
         handles.append(plt.Line2D([], [], color="0.3", linestyle="--", linewidth=0.8, label=r"$\lambda_{\max} = 2/h$"))
         ax.set_xscale("log")
@@ -208,15 +209,15 @@ def lambda_vs_threshold_figure(sharpness: pd.DataFrame, runs: pd.DataFrame) -> p
         return fig
 
 
-def accuracy_vs_delta_figure(runs: pd.DataFrame) -> plt.Figure:
-    """Final test accuracy against δ, one panel per depth, GClip and SGD as horizontal lines."""
+def accuracy_vs_delta_figure(runs: pd.DataFrame, by: str = "depth") -> plt.Figure:
+    """Final test accuracy against δ, one panel per depth (or width), baselines as horizontal lines."""
     with plt.rc_context(STYLE):
         completed = runs[runs["status"] == "completed"]
-        depths = sorted(completed["depth"].unique())
+        depths = sorted(completed[by].unique())
         fig, axes = _panels(len(depths) or 1, sharey=True)
-        palette = _palette([("sgd", None), ("gclip", None)])
+        palette = _palette([("sgd", None), ("adam", None), ("gclip", None)])
         for ax, depth in zip(axes, depths):
-            panel = completed[completed["depth"] == depth]
+            panel = completed[completed[by] == depth]
             delta_runs = panel[panel["method"] == "dgclip"].sort_values("delta")
             deltas, masked = log_mask(delta_runs["delta"])
             if np.isfinite(deltas).any():
@@ -224,13 +225,13 @@ def accuracy_vs_delta_figure(runs: pd.DataFrame) -> plt.Figure:
                 ax.set_xscale("log")
             else:
                 ax.text(0.5, 0.5, "no δ-GClip run with δ > 0", ha="center", va="center", transform=ax.transAxes, fontsize=6)
-            for method in ("gclip", "sgd"):
+            for method in ("gclip", "sgd", "adam"):
                 baseline = panel[panel["method"] == method]
                 if len(baseline):
                     ax.axhline(baseline["final_test_acc"].iloc[0], color=palette[(method, None)], linestyle=_linestyle(method),
                                label=method_label(method, None), zorder=_zorder(method))
             note_masked(ax, masked)
-            ax.set_title(f"depth {depth}")
+            ax.set_title(f"{by} {depth}")
             ax.set_xlabel("δ")
             ax.grid(alpha=0.3, linewidth=0.5)
         axes[0].set_ylabel("final test accuracy")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports import figures, sharpness as sharpness_report, tables
+from reports import delta as delta_report, figures, sharpness as sharpness_report, tables
 from reports.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -47,16 +47,21 @@ def read_frames(directory: Path) -> dict[str, pd.DataFrame]:
             f"no runs to report in {directory}: expected frames/runs.parquet or runs/*/runs.parquet; "
             "run `eos study ... --out DIR` first"
         )
+    frames["runs"] = tables.legend_methods(frames["runs"])
     return frames
 
 
-def _depth_specs(frames: dict[str, pd.DataFrame]) -> tuple[list, list]:
+def _scaling_specs(frames: dict[str, pd.DataFrame], by: str) -> tuple[list, list]:
+    """Tables and figures of a depth or width study; ``by`` names the scaled dimension."""
     runs = frames["runs"]
+    stars = tables.delta_star_table(runs)
     table_specs = [
-        ("delta_star", tables.delta_star_table(runs),
-         "Optimal δ* per depth (best final test accuracy, ties to lower test loss), with the GClip and SGD baselines."),
+        ("delta_star", stars,
+         f"Optimal δ* per {by} (best final test accuracy, ties to lower test loss), with the GClip and SGD baselines "
+         "and the δ-active step fraction of the δ* run."),
         ("runs", tables.runs_table(runs),
-         "Every run: final test accuracy and loss, train loss, last gradient norm, mean and early RUM, δ-active epochs."),
+         "Every run: final test accuracy and loss, train loss, last gradient norm, mean and early RUM, δ-active "
+         "epochs and the mean δ-active step fraction."),
         ("sharpness", tables.sharpness_table(runs),
          "Final λ_max against the stability threshold 2/h of the last step taken, and |λ_max − 2/h|."),
     ]
@@ -64,14 +69,37 @@ def _depth_specs(frames: dict[str, pd.DataFrame]) -> tuple[list, list]:
     sharpness = frames["sharpness"] if not frames["sharpness"].empty else empty
     epochs = frames["epochs"] if "mean_effective_lr" in frames["epochs"] else pd.DataFrame(columns=["run_id", "epoch", "mean_effective_lr"])
     figure_specs = [
-        ("eos_deviation", figures.eos_deviation_figure(sharpness, runs),
-         "EoS deviation |λ_max − 2/h| over training, one panel per depth and one line per method."),
-        ("effective_lr", figures.effective_lr_figure(epochs, runs),
-         "Epoch mean of the effective step size h = η·c over training, per depth."),
-        ("lambda_vs_threshold", figures.lambda_vs_threshold_figure(sharpness, runs),
+        ("eos_deviation", figures.eos_deviation_figure(sharpness, runs, by=by),
+         f"EoS deviation |λ_max − 2/h| over training, one panel per {by} and one line per method."),
+        ("effective_lr", figures.effective_lr_figure(epochs, runs, by=by),
+         f"Epoch mean of the effective step size h = η·c over training, per {by}."),
+        ("lambda_vs_threshold", figures.lambda_vs_threshold_figure(sharpness, runs, by=by),
          "Every λ_max measurement against its threshold 2/h; points on the dashed line sit at the edge of stability."),
-        ("accuracy_vs_delta", figures.accuracy_vs_delta_figure(runs),
-         "Final test accuracy against δ per depth; GClip (dashed) and SGD (dotted) for reference."),
+        ("accuracy_vs_delta", figures.accuracy_vs_delta_figure(runs, by=by),
+         f"Final test accuracy against δ per {by}; GClip (dashed) and SGD (dotted) for reference."),
+        ("delta_star", delta_report.delta_star_scaling_figure(stars.assign(axis=by, study=by + " study"), (by,)),
+         f"δ* against {by}."),
+    ]
+    return table_specs, figure_specs
+
+
+def _delta_specs(frames: dict[str, pd.DataFrame]) -> tuple[list, list]:
+    runs = frames["runs"]
+    table_specs = [
+        ("comparison", delta_report.comparison_table(runs, frames["epochs"]),
+         "Every optimizer and δ: max and final test accuracy (%), RUM averaged over the first tenth of the epochs "
+         "(early) and over all epochs (overall), and the final training loss; best final accuracy first."),
+        ("delta_activity", delta_report.delta_activity_table(runs),
+         "δ activity of each δ-GClip run: epochs with at least one step where the floor δ binds, the last such "
+         "epoch, and the fraction of such steps."),
+        ("runs", tables.runs_table(runs), "Every run with its final metrics."),
+    ]
+    figure_specs = [
+        ("effective_lr_phases", delta_report.effective_lr_phases_figure(frames["steps"], runs),
+         "Effective step size h = η·c per step in the first (left) and last (right) tenth of training; rolling "
+         "median over 1% of the steps shown."),
+        ("accuracy_vs_delta", figures.accuracy_vs_delta_figure(runs, by="model"),
+         "Final test accuracy against δ; SGD, Adam and GClip as horizontal lines."),
     ]
     return table_specs, figure_specs
 
@@ -100,7 +128,12 @@ def render_report(directory: str | Path) -> Path:
     runs = frames["runs"]
     table_dir, figure_dir = directory / "tables", directory / "figures"
     kind = runs["study"].iloc[0] if "study" in runs else "depth"
-    table_specs, figure_specs = (_sharpness_specs if kind == "sharpness" else _depth_specs)(frames)
+    if kind == "sharpness":
+        table_specs, figure_specs = _sharpness_specs(frames)
+    elif kind == "delta":
+        table_specs, figure_specs = _delta_specs(frames)
+    else:
+        table_specs, figure_specs = _scaling_specs(frames, "width" if kind == "width" else "depth")
     for name, table, caption in table_specs:
         tables.write_table(table, table_dir, name, caption)
     for name, fig, _ in figure_specs:
@@ -115,7 +148,8 @@ def render_report(directory: str | Path) -> Path:
             grid = (f"model {base.get('model')} {base.get('hidden')}, loss {base.get('loss')}, "
                     f"step sizes {study.get('lrs') or [base.get('lr')]}, methods {study.get('methods')}")
         else:
-            grid = f"depths {study.get('depths')}, methods {study.get('methods')}, δ {study.get('deltas')}"
+            grid = (f"depths {study.get('depths')}, widths {study.get('widths')}, methods {study.get('methods')}, "
+                    f"δ {study.get('deltas')}")
         lines += [f"Study `{study.get('name')}`, preset `{study.get('preset')}`: {grid}.", ""]
     counts = runs["status"].value_counts().to_dict()
     lines += [f"Runs: {len(runs)} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}).", ""]
@@ -129,3 +163,26 @@ def render_report(directory: str | Path) -> Path:
     atomic_write_text(report, "\n".join(lines))
     log.info("report written to %s", report)
     return report
+
+
+def render_scaling(directories: list[str | Path], out: str | Path) -> Path:
+    """Write δ* against depth and width across study directories: table ``delta_star_scaling`` and its figure.
+
+    Each depth study contributes δ* per depth, each width study δ* per width; studies
+    of other kinds are rejected. Returns the path of the figure's PNG.
+    """
+    parts = []
+    for directory in map(Path, directories):
+        runs = read_frames(directory)["runs"]
+        kind = runs["study"].iloc[0] if "study" in runs else "depth"
+        if kind not in ("depth", "width"):
+            raise ReportError(f"invalid study {directory}: it contains a {kind} study, but δ* scaling needs depth or width studies")
+        stars = tables.delta_star_table(runs)
+        parts.append(stars.assign(axis=kind, study=directory.name))
+    stars = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    out = Path(out)
+    tables.write_table(stars, out / "tables", "delta_star_scaling",
+                       "δ* (best final test accuracy) per depth and per width, from each study.")
+    paths = figures.save_figure(delta_report.delta_star_scaling_figure(stars), out / "figures", "delta_star_scaling")
+    log.info("δ* scaling written to %s", paths[0])
+    return paths[0]

@@ -17,14 +17,26 @@ import pandas as pd
 
 from reports.atomic import atomic_write_text
 
-METHOD_ORDER = {"sgd": 0, "gclip": 1, "dgclip": 2}
+METHOD_ORDER = {"sgd": 0, "adam": 1, "adamw": 1, "gclip": 2, "dgclip": 3}
+
+
+def legend_methods(runs: pd.DataFrame) -> pd.DataFrame:
+    """Return ``runs`` with bare Adam and AdamW runs (method ``sgd``) relabelled ``adam`` or ``adamw``.
+
+    A run's ``method`` records whether δ-GClip wraps the optimizer; ``sgd`` means it does
+    not. Tables and figures name such a run after its optimizer.
+    """
+    if "optimizer" not in runs or "method" not in runs:
+        return runs
+    bare = (runs["method"] == "sgd") & runs["optimizer"].isin(["adam", "adamw"])
+    return runs.assign(method=runs["method"].where(~bare, runs["optimizer"]))
 
 
 def method_label(method: str, delta: float | None) -> str:
-    """Return the legend label of a method: ``SGD``, ``GClip`` or ``δ=0.2``."""
+    """Return the legend label of a method: ``SGD``, ``Adam``, ``GClip`` or ``δ=0.2``."""
     if method == "dgclip" and delta is not None:
         return f"δ={delta:g}"
-    return {"sgd": "SGD", "gclip": "GClip"}.get(method, method)
+    return {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "gclip": "GClip"}.get(method, method)
 
 
 def sort_runs(runs: pd.DataFrame) -> pd.DataFrame:

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 from dynamics.data import DATASETS, DatasetError
 from dynamics.models import check_depth
+from studies.config import GRID_METHODS
 from studies.presets import PRESETS, build_study
 
 log = logging.getLogger("eos")
@@ -24,7 +25,7 @@ STUDY_KINDS = tuple(PRESETS)
 
 
 LIST_EXAMPLES = {
-    "depth": "8,14,20", "width": "1,2,4", "delta": "0.01,0.2,0.9", "method": "sgd,gclip,dgclip",
+    "depth": "8,14,20", "width": "1,2,4", "delta": "0.01,0.2,0.9", "method": "sgd,adam,gclip,dgclip",
     "milestone": "80,120", "lr": "0.05,0.1",
 }
 
@@ -57,7 +58,7 @@ def _depth(text: str) -> int:
 
 
 def _method(text: str) -> str:
-    if text not in ("sgd", "gclip", "dgclip"):
+    if text not in GRID_METHODS:
         raise ValueError(text)
     return text
 
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--depths", type=_list_of(_depth, "depth"), help="ResNet depths 6n+2, e.g. 8,14,20")
     study.add_argument("--widths", type=_list_of(int, "width"), help="width multipliers k >= 1, e.g. 1,2")
     study.add_argument("--deltas", type=_list_of(float, "delta"), help="δ-GClip floors in [0, 1], e.g. 0.01,0.2,0.9")
-    study.add_argument("--methods", type=_list_of(_method, "method"), help="subset of sgd,gclip,dgclip")
+    study.add_argument("--methods", type=_list_of(_method, "method"), help="subset of sgd,adam,gclip,dgclip (adam: bare Adam at --adam-lr)")
+    study.add_argument("--adam-lr", type=float, help="step size of the bare Adam baseline (method adam; default 1e-3)")
     study.add_argument("--gamma", type=float, help="clipping threshold γ > 0 (gradient-norm units)")
     study.add_argument("--lr", type=_list_of(float, "lr"), help="base learning rate η > 0; several values sweep it")
     study.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), help="optimizer that δ-GClip wraps")
@@ -91,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--download", action="store_true", help="download CIFAR-10 into --data-root when missing")
     study.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     study.add_argument("--seed", type=int, help="seed of model init, data order and probes")
+    study.add_argument("--autocast", choices=("none", "bf16"),
+                       help="bf16: forward passes under bfloat16 autocast (gradients, ‖g‖ and clipping stay float32)")
+    study.add_argument("--channels-last", action="store_true", default=None,
+                       help="channels-last memory format for model and images (faster convolutions on recent GPUs)")
+    study.add_argument("--compile", action="store_true", default=None,
+                       help="run forward passes through torch.compile (the sharpness probe uses the eager model)")
     study.add_argument("--max-loss", type=float, help="mark a run diverged when a batch loss exceeds this (default: inf)")
     study.add_argument("--on-nonfinite", dest="nonfinite", choices=("skip", "raise"),
                        help="a gradient with inf or NaN: skip the step (default) or fail the run")
@@ -107,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="re-render tables and figures of a study directory from its frames")
     report.add_argument("directory", type=Path, help="a study directory written by `eos study`")
     report.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+
+    scaling = commands.add_parser("scaling", help="plot δ* against depth and width across depth and width studies")
+    scaling.add_argument("directories", type=Path, nargs="+", help="study directories of `eos study depth|width`")
+    scaling.add_argument("--out", type=Path, default=Path("eos-results/scaling"),
+                         help="directory for tables/ and figures/ (default: eos-results/scaling)")
+    scaling.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     return parser
 
 
@@ -114,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 OVERRIDES = (
     "depths", "widths", "deltas", "methods", "gamma", "optimizer", "momentum", "weight_decay", "epochs",
     "milestones", "batch_size", "dataset", "device", "seed", "sharpness_every", "sharpness_batch", "max_loss",
-    "nonfinite", "sharpness_every_steps",
+    "nonfinite", "sharpness_every_steps", "adam_lr", "autocast", "channels_last", "compile",
 )
 
 
@@ -186,6 +200,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             path = render_report(args.directory)
+        except ReportError as error:
+            parser.error(str(error))
+        print(path)
+        return 0
+    if args.command == "scaling":
+        from reports import ReportError, render_scaling
+
+        try:
+            path = render_scaling(args.directories, args.out)
         except ReportError as error:
             parser.error(str(error))
         print(path)

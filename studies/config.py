@@ -11,6 +11,8 @@ from dynamics.losses import LOSSES
 from dynamics.models import MODELS, check_depth
 
 METHODS = ("sgd", "gclip", "dgclip")
+# A study grid may also name "adam": bare Adam at the study's ``adam_lr`` (method "sgd", optimizer "adam").
+GRID_METHODS = ("sgd", "adam", "gclip", "dgclip")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
@@ -24,14 +26,21 @@ class RunConfig:
     """Everything that defines one training run; equal configs give equal frames (CPU).
 
     ``method`` is ``sgd`` (the bare optimizer), ``gclip`` (δ-GClip with δ = 0) or
-    ``dgclip`` (δ-GClip with floor ``delta``). ``lr`` is η before the step schedule;
+    ``dgclip`` (δ-GClip with floor ``delta``); ``sgd`` with ``optimizer="adam"`` is bare
+    Adam. ``lr`` is η before the step schedule;
     ``milestones`` are epochs after which η is multiplied by ``lr_factor``. The
     sharpness probe measures λ_max every ``sharpness_every`` epochs (0: only after the
     last) and every ``sharpness_every_steps`` optimizer steps (0: never) on a fixed
     batch of ``sharpness_batch`` training images. ``train_subset`` > 0 trains on that
     many training images (a fixed subset); a batch size of at least that size makes
     every epoch one full-batch gradient step. ``depth`` and ``width`` apply to
-    ``resnet``, ``hidden`` and ``activation`` to ``mlp``.
+    ``resnet``, ``width`` to ``resnet18`` (which has depth 18), ``hidden`` and
+    ``activation`` to ``mlp``.
+
+    ``channels_last``, ``autocast`` (``bf16``: bfloat16 autocast of forward and loss;
+    gradients, their norm and the clip decision stay float32) and ``compile``
+    (``torch.compile`` of the model) change speed, not the update rule; with
+    ``autocast`` the results differ from float32 by rounding.
     """
 
     study: str = "depth"
@@ -66,11 +75,16 @@ class RunConfig:
     max_loss: float = math.inf  # a training loss above this marks the run diverged
     nonfinite: str = "skip"  # a gradient with inf or NaN: "skip" the step, or "raise" (the run fails)
     sharpness_hvp: str = "double_backward"  # a fixed path keeps reruns bitwise identical; "auto" times both
+    channels_last: bool = False
+    autocast: str = "none"  # "none" or "bf16"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.model == "resnet":
             check_depth(self.depth)
         checks = [
+            (self.model != "resnet18" or self.depth == 18, "depth", self.depth, "18 for model 'resnet18'"),
+            (self.autocast in ("none", "bf16"), "autocast", self.autocast, "'none' or 'bf16'"),
             (self.model in MODELS, "model", self.model, f"one of {list(MODELS)}"),
             (self.loss in LOSSES, "loss", self.loss, f"one of {list(LOSSES)}"),
             (len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), "hidden", self.hidden, "widths >= 1"),
@@ -111,6 +125,8 @@ class RunConfig:
         """Readable, unique within a study: depth, width, method, δ, step size, seed."""
         if self.model == "mlp":
             parts = ["mlp" + "x".join(str(h) for h in self.hidden), self.optimizer, self.method]
+        elif self.model == "resnet18":
+            parts = ["resnet18", f"w{self.width}", self.optimizer, self.method]
         else:
             parts = [f"d{self.depth}", f"w{self.width}", self.optimizer, self.method]
         if self.method == "dgclip":
@@ -145,7 +161,8 @@ def _positive(value: float) -> bool:
 class StudyConfig:
     """A grid: every depth x width x method (one ``dgclip`` run per δ) x step size.
 
-    ``base`` contains the settings shared by every run.
+    ``base`` contains the settings shared by every run. The method ``adam`` is bare
+    Adam at ``adam_lr`` (the step-size grid applies to the other methods).
     """
 
     name: str
@@ -156,7 +173,15 @@ class StudyConfig:
     deltas: tuple[float, ...] = (0.2,)
     lrs: tuple[float, ...] = ()
     preset: str = ""
+    adam_lr: float = 1e-3
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in GRID_METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"invalid methods={list(self.methods)!r}: expected one or more of {list(GRID_METHODS)}")
+        if not _positive(self.adam_lr):
+            raise ValueError(f"invalid adam_lr={self.adam_lr!r}: expected a finite number > 0")
 
     def runs(self) -> list[RunConfig]:
         """Expand the grid into run configs, in a fixed order (depth, width, lr, method, δ)."""
@@ -165,15 +190,24 @@ class StudyConfig:
             for width in self.widths:
                 for lr in self.lrs or (self.base.lr,):
                     for method in self.methods:
+                        if method == "adam":
+                            if lr == (self.lrs or (self.base.lr,))[0]:  # one Adam run per step-size grid
+                                runs.append(replace(self.base, study=self.name, depth=depth, width=width,
+                                                    lr=self.adam_lr, optimizer="adam", method="sgd", delta=None))
+                            continue
                         deltas = self.deltas if method == "dgclip" else (None,)
                         for delta in deltas:
                             runs.append(
                                 replace(self.base, study=self.name, depth=depth, width=width, lr=lr, method=method, delta=delta)
                             )
+        ids = [run.run_id for run in runs]
+        if len(set(ids)) != len(ids):
+            repeated = sorted({i for i in ids if ids.count(i) > 1})
+            raise ValueError(f"invalid study grid: runs {repeated} appear twice; remove the repeated method or optimizer")
         return runs
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "name": self.name,
             "preset": self.preset,
             "depths": list(self.depths),
@@ -183,3 +217,6 @@ class StudyConfig:
             "lrs": list(self.lrs),
             "base": self.base.to_dict(),
         }
+        if "adam" in self.methods:  # only then, so study.json of earlier studies still matches on resume
+            data["adam_lr"] = self.adam_lr
+        return data

@@ -93,6 +93,8 @@ def build_trainer(config: RunConfig, dataset: ImageDataset, device: torch.device
     """Build model, optimizer, loaders, probes and trainer for one run, seeded by ``config.seed``."""
     torch.manual_seed(config.seed)
     model = _build_model(config, dataset).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, model)
     train_x, train_y = training_subset(dataset, config.train_subset)
     train_loader = TensorLoader(
@@ -120,6 +122,7 @@ def build_trainer(config: RunConfig, dataset: ImageDataset, device: torch.device
     train_config = TrainConfig(
         epochs=config.epochs, milestones=config.milestones, lr_factor=config.lr_factor, progress=progress,
         log_every=config.log_every, max_loss=config.max_loss, nonfinite=config.nonfinite,
+        autocast=config.autocast, channels_last=config.channels_last, compile=config.compile,
     )
     loss_fn = build_loss(config.loss)
     return Trainer(model, loss_fn, train_loader, test_loader, optimizer, train_config, probes, device, config.run_id,

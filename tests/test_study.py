@@ -52,7 +52,7 @@ def test_study_writes_tables_figures_and_report(study_dir):
         for suffix in ("png", "pdf"):
             assert (study_dir / "figures" / f"{name}.{suffix}").stat().st_size > 1000
     report = (study_dir / "report.md").read_text()
-    assert report.count("![") == 4
+    assert report.count("![") == 5
     assert "## Table `delta_star`" in report
 
 
@@ -158,7 +158,7 @@ def test_study_without_dgclip_renders_report(tmp_path):
         (["--data-root", "/tmp"], "applies to --dataset cifar10 only"),
         (["--lr", "inf"], "a finite number > 0"),
         (["--deltas", "0.2,x"], "'x' is not a valid delta"),
-        (["--methods", "sgd,adam"], "'adam' is not a valid method"),
+        (["--methods", "sgd,lion"], "'lion' is not a valid method"),
     ],
 )
 def test_more_invalid_options_exit_2(tmp_path, capsys, extra, message):

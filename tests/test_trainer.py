@@ -1,5 +1,6 @@
 """The trainer: probes are invisible, events fill the frames, divergence is reported."""
 
+import copy
 import logging
 
 import pytest
@@ -179,3 +180,54 @@ def test_checkpoint_interval_limits_saves(digits, tmp_path, monkeypatch):
 
     assert fit(0.0) == [1, 2, 3, 4]  # never after the last epoch: the run's frames follow
     assert fit(3600.0) == []
+
+
+def _fit_with(digits, model, **options):
+    torch.manual_seed(0)
+    opt = DeltaGClip(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), gamma=0.1, delta=0.2)
+    train = TensorLoader(digits.train_x[:256], digits.train_y[:256], 64, shuffle=True, seed=0)
+    test = TensorLoader(digits.test_x, digits.test_y, 512)
+    config = TrainConfig(epochs=1, progress=False, **options)
+    return Trainer(model, nn.CrossEntropyLoss(), train, test, opt, config, [GradNormProbe()], run_id="r").fit()
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return CifarResNet(8, in_channels=1)
+
+
+def test_bf16_autocast_keeps_gradients_float32(digits):
+    model = _model()
+    result = _fit_with(digits, model, autocast="bf16")
+    reference = _fit_with(digits, _model())
+    norms = [row["grad_norm"] for row in result.recorder.rows("steps")]
+    expected = [row["grad_norm"] for row in reference.recorder.rows("steps")]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert norms[0] == pytest.approx(expected[0], rel=0.05)  # bf16 rounding only
+    assert norms != expected  # autocast really ran in bfloat16
+
+
+def test_channels_last_gives_the_same_run(digits):
+    model = _model().to(memory_format=torch.channels_last)
+    result = _fit_with(digits, model, channels_last=True)
+    reference = _fit_with(digits, _model())
+    losses = [row["loss"] for row in result.recorder.rows("steps")]
+    expected = [row["loss"] for row in reference.recorder.rows("steps")]
+    assert losses == pytest.approx(expected, rel=1e-4)
+    assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compiled_forward_matches_eager(digits):
+    torch.manual_seed(0)
+    compiled = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    eager = copy.deepcopy(compiled)
+    result = _fit_with(digits, compiled, compile=True)
+    reference = _fit_with(digits, eager)
+    losses = [row["loss"] for row in result.recorder.rows("steps")]
+    expected = [row["loss"] for row in reference.recorder.rows("steps")]
+    assert losses == pytest.approx(expected, rel=1e-5)
+
+
+def test_train_config_rejects_unknown_autocast():
+    with pytest.raises(ValueError, match="invalid autocast='fp8'"):
+        TrainConfig(epochs=1, autocast="fp8")
