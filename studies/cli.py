@@ -109,6 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training images in the fixed sharpness batch (at most the training set)")
     study.add_argument("--checkpoint-interval", type=float, default=30.0,
                        help="seconds between epoch-end checkpoints (0: after every epoch; default 30)")
+    study.add_argument("--executor", choices=("local", "slurm"), default="local",
+                       help="local: this machine (default); slurm: one SLURM array task per run, through submitit")
+    study.add_argument("--jobs", type=int, default=1,
+                       help="local executor: runs trained at once in worker processes, spread over the visible GPUs "
+                            "(several per GPU when more jobs than GPUs) or the CPU cores (default 1: in this process)")
+    study.add_argument("--partition", help="slurm: partition to submit to (default: the cluster's default)")
+    study.add_argument("--time-min", type=int, default=24 * 60,
+                       help="slurm: time limit per task in minutes; a task that reaches it is requeued and resumes")
+    study.add_argument("--gpus-per-job", type=int, default=1, help="slurm: GPUs per task (default 1)")
+    study.add_argument("--cpus-per-job", type=int, default=4, help="slurm: CPU cores per task (default 4)")
+    study.add_argument("--array-parallelism", type=int, default=16,
+                       help="slurm: tasks of the array allowed to run at once (default 16)")
+    study.add_argument("--slurm-cluster", choices=("slurm", "local", "debug"), default="slurm",
+                       help=argparse.SUPPRESS)  # submitit's local cluster runs tasks as subprocesses (tests)
+    study.add_argument("--wait", action="store_true",
+                       help="slurm: wait for every task, then collect the frames and render the report")
+    study.add_argument("--status", action="store_true",
+                       help="print each run's state (completed, running, interrupted, pending, ...) and exit")
     study.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     study.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
 
@@ -152,6 +170,10 @@ def _prepare_study(args: argparse.Namespace, parser: argparse.ArgumentParser):
             ) if overrides["epochs"] > 1 else ()
     if args.checkpoint_interval < 0:
         parser.error(f"invalid --checkpoint-interval {args.checkpoint_interval}: expected seconds >= 0")
+    if args.jobs < 1:
+        parser.error(f"invalid --jobs {args.jobs}: expected an integer >= 1")
+    if args.jobs > 1 and args.executor != "local":
+        parser.error(f"invalid --jobs {args.jobs}: it applies to --executor local; for slurm use --array-parallelism")
     milestones = overrides.get("milestones", ())
     if milestones:
         overrides["milestones"] = tuple(sorted(milestones))
@@ -188,6 +210,35 @@ def _prepare_study(args: argparse.Namespace, parser: argparse.ArgumentParser):
     return study, runs, out
 
 
+def print_status(study, out: Path) -> int:
+    """Print one line per run of ``study``: its state in ``out`` and a detail."""
+    from studies.executors import run_states
+
+    rows = run_states(study, out)
+    width = max(len(row["run_id"]) for row in rows)
+    for row in rows:
+        print(f"{row['run_id']:<{width}}  {row['state']:<11}  {row['detail']}".rstrip())
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    print(", ".join(f"{count} {state}" for state, count in sorted(counts.items())))
+    return 0
+
+
+def _submit(study, out: Path, options, checkpoint_interval: float) -> bool:
+    """Submit the pending runs to SLURM; return whether the caller should collect and render now."""
+    from studies.executors import submit_slurm
+    from studies.store import RunStore
+
+    RunStore(out).write_study(study.to_dict())
+    jobs = submit_slurm(study, out, options, checkpoint_interval)
+    if jobs and not options.wait:
+        print(f"submitted {len(jobs)} runs; `eos study ... --status` shows their state, and rerunning the same "
+              "command after they finish collects the frames and renders the report")
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -215,6 +266,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     study, runs, out = _prepare_study(args, parser)
+    if args.status:
+        return print_status(study, out)
+    slurm = None
+    if args.executor == "slurm":
+        from studies.executors import SlurmOptions
+
+        try:
+            slurm = SlurmOptions(partition=args.partition, time_min=args.time_min, gpus_per_job=args.gpus_per_job,
+                                 cpus_per_job=args.cpus_per_job, array_parallelism=args.array_parallelism,
+                                 cluster=args.slurm_cluster, wait=args.wait)
+        except ValueError as error:
+            parser.error(str(error))
     from studies.runner import run_study  # imports torch; after validation for a fast --help
 
     from dynamics.data import load_dataset
@@ -229,6 +292,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("study %s (preset %s): %d runs into %s", study.name, study.preset, len(runs), out)
     try:
         with RunStore(out).lock():
+            if slurm is not None:
+                if not _submit(study, out, slurm, args.checkpoint_interval):
+                    return 0
+            elif args.jobs > 1:
+                from studies.executors import run_local
+
+                RunStore(out).write_study(study.to_dict())
+                run_local(study, out, args.jobs, args.checkpoint_interval)
+            # Runs already finished are skipped here, so this only collects after a parallel executor.
             run_study(study, out, progress=False if args.no_progress else None, dataset=dataset,
                       checkpoint_interval=args.checkpoint_interval)
             from reports import render_report
@@ -236,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(render_report(out))
     except StudyInUseError as error:
         parser.error(str(error))
+    except RuntimeError as error:  # a worker process or cluster task failed; its runs stay pending
+        log.error("%s", error)
+        return 1
     except KeyboardInterrupt:
         log.error("interrupted: finished runs and the last epoch checkpoint are kept in %s; "
                   "rerun the same command to resume", out)

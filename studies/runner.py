@@ -22,7 +22,7 @@ from dynamics.trainer import TrainConfig, Trainer, TrainResult, select_device
 from probes.gradients import ClipActivityProbe, GradNormProbe, UpdateMagnitudeProbe
 from probes.sharpness import SharpnessProbe
 from studies.config import RunConfig, StudyConfig
-from studies.store import RunStore
+from studies.store import RunInUseError, RunStore
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +187,13 @@ def summarize_run(config: RunConfig, result: TrainResult, frames: dict[str, pd.D
 
 
 def execute_run(config: RunConfig, dataset: ImageDataset, store: RunStore, progress: bool | None = None,
-                checkpoint_interval: float = 30.0) -> dict:
-    """Train one run, write its frames and status, and return its ``runs`` row."""
-    device = select_device(config.device)
+                checkpoint_interval: float = 30.0, device: str | None = None) -> dict:
+    """Train one run, write its frames and status, and return its ``runs`` row.
+
+    ``device`` overrides ``config.device`` (an executor placing runs on several GPUs);
+    the run's config and id stay the same.
+    """
+    device = select_device(device or config.device)
     dataset.to(device)
     log.info("run %s: %s", config.run_id, config.to_dict())
     checkpoint = store.start_run(config.run_id, config.to_dict())
@@ -233,7 +237,12 @@ def run_study(
         if key not in datasets:
             datasets[key] = load_dataset(config.dataset, config.data_root)
         log.info("[%d/%d] %s", index, len(runs), config.run_id)
-        row = execute_run(config, datasets[key], store, progress, checkpoint_interval)
+        try:
+            with store.run_lock(config.run_id):
+                row = execute_run(config, datasets[key], store, progress, checkpoint_interval)
+        except RunInUseError as error:
+            log.warning("[%d/%d] %s", index, len(runs), error)
+            continue
         log.info(
             "[%d/%d] %s %s: final test acc %.4f, final λ_max %.4g vs 2/h %.4g, %.1f s",
             index, len(runs), config.run_id, row["status"], row["final_test_acc"],

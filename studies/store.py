@@ -35,6 +35,27 @@ class StudyInUseError(RuntimeError):
     """Another process is running a study in the same directory."""
 
 
+class RunInUseError(RuntimeError):
+    """Another process is training the same run."""
+
+
+@contextmanager
+def _exclusive(path: Path, error: Exception) -> Iterator[None]:
+    """Hold an ``fcntl`` lock on ``path`` or raise ``error``; the OS drops it when the holder dies, even by SIGKILL."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise error from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
 class RunStore:
     """Read and write the runs of one study directory."""
 
@@ -48,21 +69,27 @@ class RunStore:
         The lock is an ``fcntl`` lock on ``.lock``, so the operating system releases it
         when the holder exits, even after SIGKILL.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        handle = open(self.root / ".lock", "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise StudyInUseError(
-                f"study directory {self.root} is in use by another `eos study`; wait for it to finish "
-                "or pass another --out"
-            ) from None
-        try:
+        error = StudyInUseError(
+            f"study directory {self.root} is in use by another `eos study`; wait for it to finish or pass another --out"
+        )
+        with _exclusive(self.root / ".lock", error):
             yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
+
+    def run_lock(self, run_id: str):
+        """Return a context that holds the lock of one run, or raises :class:`RunInUseError`."""
+        error = RunInUseError(f"run {run_id} in {self.root} is being trained by another process; skipped here")
+        return _exclusive(self.run_dir(run_id) / ".lock", error)
+
+    def run_in_use(self, run_id: str) -> bool:
+        """Return whether another process holds the run's lock."""
+        path = self.run_dir(run_id) / ".lock"
+        if not path.is_file():
+            return False
+        try:
+            with self.run_lock(run_id):
+                return False
+        except RunInUseError:
+            return True
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id
