@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
+from dynamics.distributed import all_reduce_sum, broadcast_from_first
+
 EPS = 1e-8
 
 
@@ -53,8 +55,14 @@ class StepMeasurement:
         return asdict(self)
 
 
-def global_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
+def global_grad_norm(params: Iterable[torch.Tensor], sharded: bool = False, group=None) -> torch.Tensor:
     """Return the L2 norm of all ``.grad`` tensors together, as a 0-d float32 tensor.
+
+    Under ``torch.distributed`` (``group``, or the default group when one is active):
+    with replicated gradients (DDP, after its all-reduce) the local norm is the norm of
+    the averaged gradient, and the first rank's value is broadcast so that every rank
+    holds the same bits. With ``sharded=True`` (FSDP, where each rank holds a piece of
+    the gradient) the result is the square root of the all-reduced sum of squares.
 
     Parameters without a gradient are skipped. Per-tensor norms come from one fused
     ``torch._foreach_norm`` call per device and dtype, accumulated in float32. When
@@ -63,8 +71,26 @@ def global_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     NaN has a non-finite norm.
     """
     grads = [p.grad for p in params if p.grad is not None]
+    if sharded:
+        return _sharded_norm(grads, group)
     if not grads:
         raise ValueError("no parameter has a gradient: call loss.backward() before measuring")
+    return broadcast_from_first(_local_norm(grads), group)
+
+
+def _sharded_norm(grads: list[torch.Tensor], group) -> torch.Tensor:
+    """Return sqrt(Σ over ranks of the local sum of squares), accumulated in float64."""
+    if grads:
+        device = grads[0].device
+    else:  # this rank has no shard with a gradient; it still joins the all-reduce
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local = torch.zeros((), dtype=torch.float64, device=device)
+    for grad in grads:
+        local += grad.double().square().sum()
+    return all_reduce_sum(local, group).sqrt().float()
+
+
+def _local_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     grouped: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for grad in grads:
         grouped.setdefault((grad.device, grad.dtype), []).append(grad)
@@ -152,6 +178,10 @@ class DeltaGClip(Optimizer):
         nonfinite: what a gradient holding inf or NaN does: ``skip`` the step (the
             parameters and the inner optimizer's state stay as they are, and
             ``skipped_steps`` counts it) or ``raise`` :class:`NonFiniteGradientError`.
+        sharded: the gradients are sharded across ranks (FSDP), so ‖g‖ all-reduces the
+            sum of squares. Leave False for DDP, whose gradients are replicated.
+        process_group: the ``torch.distributed`` process group (default: the global group when
+            one is initialized). Every rank gets the same ‖g‖, clip factor and counters.
 
     The wrapper shares ``param_groups`` and ``state`` with the inner optimizer, so it
     passes as an ``Optimizer`` to schedulers. Call :meth:`measure` after ``backward``
@@ -160,7 +190,8 @@ class DeltaGClip(Optimizer):
     """
 
     def __init__(
-        self, optimizer: Optimizer, gamma: float, delta: float = 0.0, eps: float = EPS, nonfinite: str = "skip"
+        self, optimizer: Optimizer, gamma: float, delta: float = 0.0, eps: float = EPS, nonfinite: str = "skip",
+        sharded: bool = False, process_group=None,
     ) -> None:
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"invalid nonfinite={nonfinite!r}: expected 'skip' or 'raise'")
@@ -186,6 +217,7 @@ class DeltaGClip(Optimizer):
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
         self.nonfinite = nonfinite
+        self.sharded, self.process_group = sharded, process_group  # how ‖g‖ is combined across ranks (see global_grad_norm)
         self.last: StepMeasurement | None = None
         self._pending: StepMeasurement | None = None
         self.steps = 0
@@ -197,13 +229,17 @@ class DeltaGClip(Optimizer):
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    def grad_norm(self) -> torch.Tensor:
+        """Return ‖g‖ over this optimizer's parameters, combined across ranks as configured (no host sync)."""
+        return global_grad_norm(self._params(), sharded=self.sharded, group=self.process_group)
+
     def measure(self, grad_norm: float | None = None) -> StepMeasurement:
         """Measure ‖g‖ (unless given) and decide the clip factor for the coming step.
 
         The call syncs with the device once (``.item()`` on the norm).
         """
         if grad_norm is None:
-            grad_norm = global_grad_norm(self._params()).item()
+            grad_norm = self.grad_norm().item()
         lr = self.param_groups[0]["lr"]
         lr = lr.item() if isinstance(lr, torch.Tensor) else float(lr)
         self._pending = measure_step(grad_norm, lr, self.gamma, self.delta, self.eps)

@@ -291,6 +291,13 @@ class TensorLoader:
     Shuffling and augmentation (pad-4 random crop, horizontal flip) draw only from
     this loader's own ``torch.Generator``, so the batch order depends on ``seed`` and
     on nothing else that runs in the process.
+
+    With ``world_size`` > 1 (one loader per rank under ``torch.distributed``, all with
+    the same ``seed``) every rank draws the same permutation and takes every
+    ``world_size``-th image from position ``rank``, so the ranks split each epoch
+    without overlap. Each rank's batches hold ``batch_size`` images. The last
+    ``len % world_size`` images of each epoch's permutation are left out, so every
+    rank takes the same number of steps.
     """
 
     def __init__(
@@ -304,9 +311,14 @@ class TensorLoader:
         std: tuple[float, ...] | None = None,
         seed: int = 0,
         drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"invalid batch_size={batch_size}: expected an integer >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"invalid rank={rank} for world_size={world_size}: expected 0 <= rank < world_size")
+        self.rank, self.world_size = rank, world_size
         self.x, self.y = x, y
         self.batch_size = batch_size
         self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
@@ -316,7 +328,7 @@ class TensorLoader:
         self.std = None if std is None else torch.tensor(std, device=x.device).view(shape)
 
     def __len__(self) -> int:
-        n = len(self.y)
+        n = len(self.y) // self.world_size
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def prepare(self, x: torch.Tensor, augment: bool) -> torch.Tensor:
@@ -344,7 +356,9 @@ class TensorLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.y)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        order = order.to(self.x.device)
+        usable = n - n % self.world_size  # equal shards, so no rank waits for a step the others never take
+        order = order[:usable][self.rank :: self.world_size].to(self.x.device)
+        n = len(order)
         for start in range(0, n, self.batch_size):
             index = order[start : start + self.batch_size]
             if self.drop_last and len(index) < self.batch_size:

@@ -16,9 +16,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dynamics.clipping import DeltaGClip, DeltaWarmup, NonFiniteGradientError, global_grad_norm, unclipped_step
+from dynamics.clipping import DeltaGClip, DeltaWarmup, NonFiniteGradientError
 from dynamics.data import TensorLoader
+from dynamics.distributed import all_reduce_sum, is_main_process
 from dynamics.events import Callback, Recorder, TrainState
+from dynamics.session import ProbeSession
 
 log = logging.getLogger(__name__)
 
@@ -195,19 +197,6 @@ class Trainer:
             return inputs.contiguous(memory_format=torch.channels_last)
         return inputs
 
-    def _emit(self, event: str, state: TrainState) -> None:
-        for callback in self.callbacks:
-            getattr(callback, event)(state)
-
-    def _measure(self, loss: torch.Tensor):
-        """Return (loss value, step measurement), fetching the loss and ‖g‖ in one host sync."""
-        norm = global_grad_norm(self.params)
-        loss_value, grad_norm = torch.stack([loss.detach().float(), norm.to(loss.device)]).tolist()
-        if isinstance(self.optimizer, DeltaGClip):
-            return loss_value, self.optimizer.measure(grad_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
-        lr = lr.item() if isinstance(lr, torch.Tensor) else float(lr)
-        return loss_value, unclipped_step(grad_norm, lr)
 
     @torch.no_grad()
     def evaluate(self, loader: TensorLoader) -> tuple[float, float]:
@@ -289,19 +278,12 @@ class Trainer:
         continues from it.
         """
         config = self.config
-        recorder = Recorder()
-        state = TrainState(
-            model=self.model,
-            optimizer=self.optimizer,
-            loss_fn=self.loss_fn,
-            device=self.device,
-            recorder=recorder,
-            run_id=self.run_id,
-            epochs=config.epochs,
-        )
+        self.session = ProbeSession(self.model, self.optimizer, self.callbacks, self.loss_fn, self.run_id,
+                                    config.epochs, self.device)
+        state = self.session.state
         self.state = state  # callers that catch an exception from fit() still reach the rows
         self.model.train()
-        self._emit("on_train_start", state)
+        self.session.start()
         if self.checkpoint_path is not None and self.checkpoint_path.is_file():
             self.load_checkpoint(state)
         started = time.perf_counter() - state.elapsed
@@ -311,23 +293,23 @@ class Trainer:
                 self._train_epoch(state, epoch, started)
                 state.elapsed = time.perf_counter() - started
                 due = time.perf_counter() - last_saved >= self.checkpoint_interval
-                if self.checkpoint_path is not None and due and epoch < config.epochs:
+                if self.checkpoint_path is not None and due and epoch < config.epochs and is_main_process():
                     self.save_checkpoint(state)
                     last_saved = time.perf_counter()
         except DivergenceError as error:
             log.error("%s", error)
-            self._emit("on_train_end", state)
+            self.session.finish()
             return TrainResult(state.recorder, "diverged", time.perf_counter() - started, str(error), error.step)
-        self._emit("on_train_end", state)
+        self.session.finish()
         return TrainResult(state.recorder, "completed", time.perf_counter() - started)
 
     def _train_epoch(self, state: TrainState, epoch: int, started: float) -> None:
         config = self.config
-        state.epoch = epoch
+        session = self.session
         if self.warmup is not None:
             self.warmup.set_epoch(epoch - 1)
-        epoch_started = time.perf_counter()
-        loss_sum, count = 0.0, 0
+        session.start_epoch(epoch)
+        count = 0
         correct = torch.zeros((), device=self.device, dtype=torch.int64)  # summed on the device: no sync per step
         bar = tqdm(
             self.train_loader,
@@ -348,24 +330,15 @@ class Trainer:
             else:
                 loss.backward()
 
-            state.step += 1
-            state.inputs, state.targets = inputs, targets
             # The one host sync of a step: the divergence check needs the loss, and the clip
             # factor (a learning-rate multiplier) needs ‖g‖.
-            state.loss, state.measurement = self._measure(loss)
-            state.step_row = {
-                "run_id": self.run_id,
-                "epoch": epoch,
-                "step": state.step,
-                "loss": state.loss,
-                "lr": state.measurement.lr,
-            }
+            session.measure(loss, inputs, targets)
             if not math.isfinite(state.loss) or state.loss > config.max_loss:
                 reason = "non-finite loss" if not math.isfinite(state.loss) else f"loss above max_loss={config.max_loss}"
                 state.recorder.append("steps", state.step_row)
                 raise DivergenceError(epoch, state.step, state.loss, reason)
 
-            self._emit("after_backward", state)
+            session.after_backward()
             if state.measurement.skipped and config.nonfinite == "raise":
                 state.recorder.append("steps", state.step_row)
                 raise NonFiniteGradientError(
@@ -382,30 +355,20 @@ class Trainer:
                             state.measurement.grad_norm)
             else:
                 self.optimizer.step()  # δ-GClip skips (or raises on) a non-finite step itself
-            self._emit("after_step", state)
-            state.recorder.append("steps", state.step_row)
+            session.after_step()
 
-            loss_sum += state.loss * len(targets)
             correct += (outputs.detach().argmax(1) == targets).sum()
             count += len(targets)
         bar.close()
 
         test_loss, test_acc = self.evaluate(self.test_loader)
         lr = float(self.optimizer.param_groups[0]["lr"])
-        state.epoch_row = {
-            "run_id": self.run_id,
-            "epoch": epoch,
-            "train_loss": loss_sum / count,
-            "train_acc": correct.item() / count,
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-            "lr": lr,
-        }
-        self._emit("on_epoch_end", state)
-        state.epoch_row["epoch_time"] = time.perf_counter() - epoch_started
-        state.recorder.append("epochs", state.epoch_row)
+        # Under torch.distributed each rank saw its shard of the data; the accuracy is over all of them.
+        totals = all_reduce_sum(torch.stack([correct.float(), torch.tensor(float(count), device=correct.device)]))
+        correct_total, count_total = totals.tolist()
+        row = session.end_epoch(train_acc=correct_total / count_total, test_loss=test_loss, test_acc=test_acc, lr=lr)
         if epoch % config.log_every == 0 or epoch == config.epochs:
-            log.info(format_epoch_line(state.epoch_row, config.epochs, time.perf_counter() - started))
+            log.info(format_epoch_line(row, config.epochs, time.perf_counter() - started))
         if self.scheduler is not None:
             self.scheduler.step()
 

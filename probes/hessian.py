@@ -28,6 +28,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from dynamics.distributed import all_reduce_sum
+
 log = logging.getLogger(__name__)
 
 HVP_METHODS = ("auto", "double_backward", "forward_over_reverse")
@@ -77,6 +79,12 @@ class HessianOperator:
     (``chunk_size`` smaller than the batch) each product walks the chunks, so memory
     holds one chunk's graph at a time. The model is used in its current mode; wrap
     the calls in :func:`solve_mode` (the estimators here do).
+
+    Under ``torch.distributed`` with ``group`` (or the default group when one is
+    initialized), each rank passes its own part of the batch. The loss is weighted by
+    the batch size summed over the ranks, and products and gradients are all-reduced,
+    so every rank gets the product of the union of the parts. Pass the bare module, not
+    the DDP wrapper.
     """
 
     def __init__(
@@ -88,6 +96,7 @@ class HessianOperator:
         params: Sequence[torch.Tensor] | None = None,
         chunk_size: int | None = None,
         method: str = "auto",
+        group=None,
     ) -> None:
         if method not in HVP_METHODS:
             raise ValueError(f"invalid hvp method={method!r}: expected one of {HVP_METHODS}")
@@ -100,13 +109,16 @@ class HessianOperator:
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         self.dim = sum(p.numel() for p in self.params)
-        self.batch_size = len(targets)
-        chunk_size = chunk_size or self.batch_size
+        self.group = group
+        # The loss of the whole batch: over every rank's part when distributed.
+        self.batch_size = int(all_reduce_sum(torch.tensor(float(len(targets)), dtype=torch.float64,
+                                                          device=targets.device), group).item())
+        chunk_size = chunk_size or len(targets)
         if chunk_size < 1:
             raise ValueError(f"invalid chunk_size={chunk_size}: expected an integer >= 1")
         self.chunks = [
             (inputs[start : start + chunk_size], targets[start : start + chunk_size])
-            for start in range(0, self.batch_size, chunk_size)
+            for start in range(0, len(targets), chunk_size)
         ]
         self.method = method
         self.fallback_reason = ""
@@ -191,6 +203,9 @@ class HessianOperator:
         return results[self.method][1]
 
     def __call__(self, vector: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(self._local_product(vector), self.group)
+
+    def _local_product(self, vector: torch.Tensor) -> torch.Tensor:
         self.products += 1
         tangents = self._split(vector)
         if self.method == "auto":
@@ -201,11 +216,14 @@ class HessianOperator:
             raise HessianUnsupportedError(describe_unsupported(self.model, self.chunks[0][0], self.method, error)) from error
 
     def gradient(self) -> torch.Tensor:
-        """Return the flat gradient of the loss on the whole batch (float64, detached).
+        """Return the flat gradient of the loss on the whole batch (float64, detached, all-reduced).
 
         With one chunk on a path that may use double backward, this builds the cached
         gradient graph that later products reuse, so the gradient comes for free.
         """
+        return all_reduce_sum(self._local_gradient(), self.group)
+
+    def _local_gradient(self) -> torch.Tensor:
         if len(self.chunks) == 1 and self.method in ("auto", "double_backward"):
             try:
                 if self._grads is None:
@@ -492,6 +510,7 @@ def top_eigenvalue(
     hvp_method: str = "auto",
     estimator: str = "lanczos",
     preconditioner: torch.Tensor | None = None,
+    group=None,
 ) -> EigenEstimate:
     """Estimate λ_max of the loss Hessian on one batch, in the model's current mode.
 
@@ -504,10 +523,14 @@ def top_eigenvalue(
     Lanczos needs about one product fewer than from a random vector (4 against 5-6
     for 1e-3 relative error on a CIFAR-ResNet-20, ``benchmarks/sharpness.py``). A zero
     or non-finite gradient falls back to a Gaussian start from ``generator``.
+
+    Under ``torch.distributed`` each rank passes its part of the batch and gets the
+    estimate for the union (see :class:`HessianOperator`); ``generator`` must then be
+    seeded alike on every rank.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"invalid estimator={estimator!r}: expected one of {ESTIMATORS}")
-    operator = HessianOperator(model, loss_fn, inputs, targets, chunk_size=chunk_size, method=hvp_method)
+    operator = HessianOperator(model, loss_fn, inputs, targets, chunk_size=chunk_size, method=hvp_method, group=group)
     device = operator.params[0].device
     apply: Operator = operator
     if preconditioner is not None:

@@ -44,6 +44,9 @@ class SharpnessProbe(Callback):
         hvp_method: ``auto``, ``double_backward`` or ``forward_over_reverse``.
         estimator: ``lanczos`` (default) or ``power`` (shifted power iteration).
         backend: ``ours`` or ``pyhessian`` (eval-mode BatchNorm, power iteration).
+        group: ``torch.distributed`` process group. Each rank passes its part of the
+            sharpness batch, and Hessian-vector products are all-reduced, so every rank
+            records λ_max of the union. A DDP-wrapped model is unwrapped for the solve.
 
     Rows go to the ``sharpness`` frame, one per threshold kind; h is the step size the
     optimizer took at the latest step (``state.measurement.effective_lr``). Under Adam
@@ -70,6 +73,7 @@ class SharpnessProbe(Callback):
         hvp_method: str = "auto",
         estimator: str = "lanczos",
         backend: str = "ours",
+        group=None,
     ) -> None:
         checks = [
             (bn_mode in BN_MODES, "bn_mode", bn_mode, BN_MODES),
@@ -92,6 +96,7 @@ class SharpnessProbe(Callback):
         self.max_iter, self.tol = max_iter, tol
         self.chunk_size = chunk_size
         self.hvp_method, self.estimator, self.backend = hvp_method, estimator, backend
+        self.group = group  # torch.distributed: each rank passes its part of the sharpness batch
         self.generator = torch.Generator().manual_seed(seed)
         self.previous: dict[bool, torch.Tensor | None] = {False: None, True: None}
         self.last: EigenEstimate | None = None
@@ -103,6 +108,8 @@ class SharpnessProbe(Callback):
     def measure(self, model: nn.Module, loss_fn: nn.Module, preconditioner: torch.Tensor | None = None) -> EigenEstimate:
         """Estimate λ_max now (of P^-1/2 H P^-1/2 when a preconditioner is given), leaving the model as it was."""
         preconditioned = preconditioner is not None
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module  # DDP's gradient hooks must not see the solve; products are all-reduced instead
         with preserved_model_state(model):
             model.train(self.bn_mode == "train")
             if self.backend == "pyhessian":
@@ -115,6 +122,7 @@ class SharpnessProbe(Callback):
                     max_iter=self.max_iter, tol=self.tol, start=self.previous[preconditioned],
                     generator=self.generator, chunk_size=self.chunk_size, warn=False,
                     hvp_method=self.hvp_method, estimator=self.estimator, preconditioner=preconditioner,
+                    group=self.group,
                 )
                 self.hvp_method = estimate.method.split("/")[-1]  # keep the path "auto" chose
         self.previous[preconditioned] = estimate.vector
