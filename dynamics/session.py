@@ -81,6 +81,7 @@ class ProbeSession:
         self.state = TrainState(model=model, optimizer=optimizer, loss_fn=loss_fn, device=torch.device(device),
                                 recorder=Recorder(), run_id=run_id, epochs=epochs)
         self.started = False
+        self._measured = False  # after_backward measured the current step and after_step has not closed it
         self._epoch_started = time.perf_counter()
         self._loss_sum, self._count = 0.0, 0
 
@@ -105,6 +106,9 @@ class ProbeSession:
                 targets: torch.Tensor | None = None) -> StepMeasurement:
         """Count a step, measure its loss and ‖g‖, and open its row; :meth:`after_backward` then emits."""
         self.start()
+        if self.state.epoch == 0:
+            raise RuntimeError("ProbeSession: call start_epoch(epoch) before the epoch's first step (epochs count from 1)")
+        self._measured = True
         state = self.state
         state.step += 1
         state.inputs, state.targets = inputs, targets
@@ -126,6 +130,10 @@ class ProbeSession:
 
     def after_step(self) -> None:
         """Emit ``after_step`` and record the step's row; call after ``optimizer.step()``."""
+        if not self._measured:
+            raise RuntimeError("ProbeSession.after_step() called without after_backward(loss) for this step; call "
+                               "after_backward(loss, inputs, targets) after loss.backward() and before optimizer.step()")
+        self._measured = False
         self.emit("after_step")
         self.state.recorder.append("steps", self.state.step_row)
 
@@ -134,14 +142,19 @@ class ProbeSession:
 
         ``metrics`` are extra columns (``test_loss``, ``test_acc``, ...). ``train_loss``
         defaults to the batch-size-weighted mean of the epoch's step losses, and
-        ``lr`` to the first group's current learning rate.
+        ``lr`` to η of the epoch's last step (a scheduler that already stepped for the
+        next epoch does not change it).
         """
         state = self.state
-        lr = state.optimizer.param_groups[0]["lr"]
+        if state.measurement is not None:
+            lr = state.measurement.lr
+        else:
+            lr = state.optimizer.param_groups[0]["lr"]
+            lr = lr.item() if isinstance(lr, torch.Tensor) else float(lr)
         row = {"run_id": state.run_id, "epoch": state.epoch,
                "train_loss": self._loss_sum / self._count if self._count else float("nan")}
         row.update(metrics)
-        row.setdefault("lr", lr.item() if isinstance(lr, torch.Tensor) else float(lr))
+        row.setdefault("lr", lr)
         state.epoch_row = row
         self.emit("on_epoch_end")
         state.epoch_row["epoch_time"] = time.perf_counter() - self._epoch_started

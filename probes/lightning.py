@@ -57,6 +57,13 @@ class ProbeCallback(LightningCallback):
     def on_train_start(self, trainer, pl_module) -> None:
         if len(trainer.optimizers) != 1:
             raise ValueError(f"invalid optimizer count {len(trainer.optimizers)}: ProbeCallback supports one optimizer")
+        if trainer.gradient_clip_val:
+            raise ValueError(f"invalid gradient_clip_val={trainer.gradient_clip_val}: Lightning clips after the probes "
+                             "measure ‖g‖, so the recorded step sizes would be wrong; clip with DeltaGClip instead "
+                             "(delta=0 is GClip)")
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(f"invalid accumulate_grad_batches={trainer.accumulate_grad_batches}: ProbeCallback "
+                             "measures one backward per optimizer step; use accumulate_grad_batches=1")
         loss_fn = self.loss_fn if self.loss_fn is not None else getattr(pl_module, "loss_fn", None)
         self.session = ProbeSession(pl_module, trainer.optimizers[0], self.probes, loss_fn, self.run_id,
                                     trainer.max_epochs or 0, pl_module.device)
@@ -81,7 +88,7 @@ class ProbeCallback(LightningCallback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         logged = {name: value.item() if isinstance(value, torch.Tensor) else value
                   for name, value in trainer.callback_metrics.items()}
-        self.session.end_epoch(**logged)
+        self.session.end_epoch(**logged)  # lr: η of the epoch's last step, even if a scheduler already stepped
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.session.finish()

@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from dynamics.distributed import all_reduce_sum
+
 from dynamics.events import Callback, TrainState
 from probes.backends import pyhessian_top_eigenvalue
 from probes.hessian import ESTIMATORS, HVP_METHODS, EigenEstimate, HessianUnsupportedError, top_eigenvalue
@@ -97,6 +99,7 @@ class SharpnessProbe(Callback):
         self.chunk_size = chunk_size
         self.hvp_method, self.estimator, self.backend = hvp_method, estimator, backend
         self.group = group  # torch.distributed: each rank passes its part of the sharpness batch
+        self._batch_size: int | None = None
         self.generator = torch.Generator().manual_seed(seed)
         self.previous: dict[bool, torch.Tensor | None] = {False: None, True: None}
         self.last: EigenEstimate | None = None
@@ -104,6 +107,13 @@ class SharpnessProbe(Callback):
         self.estimates = 0
         self.unconverged = 0
         self._warned_adam = False
+
+    def _union_batch_size(self) -> int:
+        """Return the sharpness batch size over every rank's part (the local size in a single process)."""
+        if self._batch_size is None:
+            size = torch.tensor(float(len(self.targets)), dtype=torch.float64, device=self.targets.device)
+            self._batch_size = int(all_reduce_sum(size, self.group).item())
+        return self._batch_size
 
     def measure(self, model: nn.Module, loss_fn: nn.Module, preconditioner: torch.Tensor | None = None) -> EigenEstimate:
         """Estimate λ_max now (of P^-1/2 H P^-1/2 when a preconditioner is given), leaving the model as it was."""
@@ -155,7 +165,7 @@ class SharpnessProbe(Callback):
             "hvp_count": estimate.hvp_count,
             "converged": estimate.converged,
             "residual": estimate.residual,
-            "batch_size": len(self.targets),
+            "batch_size": self._union_batch_size(),
             "bn_mode": self.bn_mode,
             "dropout": estimate.dropout,
             "estimator": estimate.method,

@@ -27,16 +27,34 @@ def _read_parquet(path: Path) -> pd.DataFrame:
         raise ReportError(f"corrupt frame {path}: {error}; delete it and rerun the study command to rewrite it") from error
 
 
+def _collected_frames_current(directory: Path) -> bool:
+    """Return whether ``frames/runs.parquet`` lists exactly the runs that have finished (``runs/*/status.json``)."""
+    path = directory / "frames" / "runs.parquet"
+    if not path.is_file():
+        return False
+    finished = sorted(p.parent.name for p in directory.glob("runs/*/status.json"))
+    if not finished:
+        return True
+    collected = _read_parquet(path)
+    listed = sorted(collected["run_id"]) if "run_id" in collected else []
+    return listed == finished
+
+
 def read_frames(directory: Path) -> dict[str, pd.DataFrame]:
-    """Read ``frames/*.parquet``, or concatenate ``runs/*/*.parquet`` when those are absent."""
+    """Read ``frames/*.parquet``, or concatenate ``runs/*/*.parquet`` when those are absent or out of date.
+
+    The collected frames are out of date when runs finished after they were written
+    (for example by SLURM tasks or worker processes of another command).
+    """
     if not directory.exists():
         raise ReportError(f"study directory {directory} not found; pass the --out of an `eos study` command")
     if not directory.is_dir():
         raise ReportError(f"{directory} is a file; pass the study directory (the --out of `eos study`)")
+    current = _collected_frames_current(directory)
     frames = {}
     for name in FRAME_NAMES:
         path = directory / "frames" / f"{name}.parquet"
-        if path.is_file():
+        if current and path.is_file():
             frames[name] = _read_parquet(path)
             continue
         parts = [_read_parquet(p) for p in sorted(directory.glob(f"runs/*/{name}.parquet"))]
@@ -121,8 +139,12 @@ def _sharpness_specs(frames: dict[str, pd.DataFrame]) -> tuple[list, list]:
     return table_specs, figure_specs
 
 
-def render_report(directory: str | Path) -> Path:
-    """Write tables (CSV, Markdown, LaTeX), figures (PNG, PDF) and report.md; return report.md."""
+def render_report(directory: str | Path, expected_runs: list[str] | None = None) -> Path:
+    """Write tables (CSV, Markdown, LaTeX), figures (PNG, PDF) and report.md; return report.md.
+
+    With ``expected_runs`` (the run ids of the study's grid), report.md names the runs
+    that have not finished, so a partial report is marked as partial.
+    """
     directory = Path(directory)
     frames = read_frames(directory)
     runs = frames["runs"]
@@ -153,6 +175,10 @@ def render_report(directory: str | Path) -> Path:
         lines += [f"Study `{study.get('name')}`, preset `{study.get('preset')}`: {grid}.", ""]
     counts = runs["status"].value_counts().to_dict()
     lines += [f"Runs: {len(runs)} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}).", ""]
+    missing = sorted(set(expected_runs or ()) - set(runs["run_id"]))
+    if missing:
+        lines += [f"**Partial report**: {len(missing)} runs of the grid have not finished: "
+                  + ", ".join(f"`{run_id}`" for run_id in missing) + ".", ""]
     for name, table, caption in table_specs:
         lines += [f"## Table `{name}`", "", caption, "", tables.to_markdown(table), "",
                   f"Files: `tables/{name}.csv`, `tables/{name}.md`, `tables/{name}.tex`.", ""]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import logging
 import os
 import sys
@@ -150,6 +151,15 @@ OVERRIDES = (
 )
 
 
+def _differing_settings(previous: dict, current: dict) -> str:
+    """Name the settings that differ between two study.json contents, with both values."""
+    flat_previous = {**{k: v for k, v in previous.items() if k != "base"}, **previous.get("base", {})}
+    flat_current = {**{k: v for k, v in current.items() if k != "base"}, **current.get("base", {})}
+    names = sorted(name for name in set(flat_previous) | set(flat_current)
+                   if flat_previous.get(name) != flat_current.get(name))
+    return ", ".join(f"{name}: {flat_previous.get(name)!r} there, {flat_current.get(name)!r} now" for name in names)
+
+
 def _prepare_study(args: argparse.Namespace, parser: argparse.ArgumentParser):
     """Build and validate the study; every failure exits with status 2 before any write."""
     overrides = {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
@@ -174,9 +184,18 @@ def _prepare_study(args: argparse.Namespace, parser: argparse.ArgumentParser):
         parser.error(f"invalid --jobs {args.jobs}: expected an integer >= 1")
     if args.jobs > 1 and args.executor != "local":
         parser.error(f"invalid --jobs {args.jobs}: it applies to --executor local; for slurm use --array-parallelism")
+    if args.executor == "slurm" and args.slurm_cluster == "slurm" and not args.status and shutil.which("sbatch") is None:
+        parser.error("invalid --executor slurm: sbatch was not found on this machine; run the command on a SLURM "
+                     "login node, or use --executor local")
     milestones = overrides.get("milestones", ())
     if milestones:
         overrides["milestones"] = tuple(sorted(milestones))
+    for name in ("depths", "widths", "deltas", "lrs"):  # a grid is a set: 0.9,0.2 is the study of 0.2,0.9
+        if name in overrides:
+            overrides[name] = tuple(sorted(overrides[name]))
+    if args.kind == "delta" and args.depths is not None:
+        parser.error(f"invalid --depths {','.join(map(str, args.depths))}: the delta study trains ResNet-18 (depth "
+                     "18); drop --depths, or use --widths to scale its channels")
     try:
         study = build_study(args.kind, args.preset, overrides)
         runs = study.runs()
@@ -201,10 +220,13 @@ def _prepare_study(args: argparse.Namespace, parser: argparse.ArgumentParser):
         try:
             previous = json.loads(study_file.read_text())
         except ValueError:
-            previous = None
-        if previous != json.loads(json.dumps(study.to_dict())):
+            parser.error(f"invalid --out {out}: {study_file} is not valid JSON; delete it (finished runs are kept and "
+                         "reused when their settings match) or pass a new --out")
+        current = json.loads(json.dumps(study.to_dict()))
+        if previous != current:
+            differing = _differing_settings(previous, current)
             parser.error(
-                f"invalid --out {out}: it holds a study with different settings (see {study_file}); "
+                f"invalid --out {out}: it contains a study with different settings ({differing}; see {study_file}); "
                 "rerun with the same options to resume it, or pass a new --out"
             )
     return study, runs, out
@@ -258,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "scaling":
         from reports import ReportError, render_scaling
 
+        if args.out.exists() and not args.out.is_dir():
+            parser.error(f"invalid --out {args.out}: it is a file; pass a directory path")
         try:
             path = render_scaling(args.directories, args.out)
         except ReportError as error:
@@ -305,10 +329,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                       checkpoint_interval=args.checkpoint_interval)
             from reports import render_report
 
-            print(render_report(out))
+            expected = [config.run_id for config in runs]
+            finished = set(RunStore(out).run_ids())
+            missing = [run_id for run_id in expected if run_id not in finished]
+            if len(missing) == len(expected):
+                log.warning("no run has finished yet: all %d are being trained by other processes; rerun the same "
+                            "command after they finish", len(missing))
+                return 1
+            print(render_report(out, expected_runs=expected))
+            if missing:
+                log.warning("the report is partial: %d runs are still being trained by another process (%s); rerun "
+                            "the same command after they finish", len(missing), ", ".join(missing))
+                return 1
     except StudyInUseError as error:
         parser.error(str(error))
-    except RuntimeError as error:  # a worker process or cluster task failed; its runs stay pending
+    except RuntimeError as error:  # a worker or cluster task failed (its runs stay pending), or a frame is corrupt
         log.error("%s", error)
         return 1
     except KeyboardInterrupt:

@@ -39,8 +39,8 @@ class RunConfig:
 
     ``channels_last``, ``autocast`` (``bf16``: bfloat16 autocast of forward and loss;
     gradients, their norm and the clip decision stay float32) and ``compile``
-    (``torch.compile`` of the model) change speed, not the update rule; with
-    ``autocast`` the results differ from float32 by rounding.
+    (``torch.compile`` of the model) change speed, not the update rule. Each can
+    change results by floating-point rounding, because other kernels run.
     """
 
     study: str = "depth"

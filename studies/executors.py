@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import signal
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -54,6 +57,28 @@ class SlurmOptions:
 def pending_runs(study: StudyConfig, store: RunStore) -> list[RunConfig]:
     """Return the runs of ``study`` that have not finished with their current config, in grid order."""
     return [config for config in study.runs() if not store.finished(config.run_id, config.to_dict())]
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Exit this worker when its parent process is gone (killed by SIGKILL or SIGTERM, which it cannot clean up after).
+
+    The run's lock dies with the worker, and its last checkpoint stays for the next attempt.
+    """
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        log.error("the study process %d is gone; worker %d stops (its run resumes from its checkpoint)", parent, os.getpid())
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def _init_worker(parent: int, level: int) -> None:
+    """Set up a worker process: log like the parent, ignore Ctrl-C there (the parent handles it), watch the parent."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s [worker %(process)d] %(message)s",
+                        datefmt="%H:%M:%S")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent(parent)
 
 
 def train_one(config_data: dict[str, Any], out: str, checkpoint_interval: float = 30.0, device: str | None = None,
@@ -112,7 +137,9 @@ def run_local(study: StudyConfig, out: Path, jobs: int, checkpoint_interval: flo
     log.info("%d runs over %d worker processes (%d CPU threads each)", len(pending), jobs, threads)
     context = multiprocessing.get_context("spawn")
     failures = []
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
+                               initargs=(os.getpid(), logging.getLogger().getEffectiveLevel()))
+    try:
         futures = {
             pool.submit(train_one, config.to_dict(), str(out), checkpoint_interval, devices[index % jobs], threads): config
             for index, config in enumerate(pending)
@@ -127,6 +154,15 @@ def run_local(study: StudyConfig, out: Path, jobs: int, checkpoint_interval: flo
                 continue
             state = "skipped (finished or in use elsewhere)" if row is None else row["status"]
             log.info("[%d/%d] %s %s", done, len(pending), config.run_id, state)
+    except BaseException:
+        # Ctrl-C (or any error here) drops the queued runs, so they stay pending. The
+        # workers are stopped too, and a run they were training resumes from its checkpoint.
+        workers = list((pool._processes or {}).values())  # private, but the pool has no public way to stop them
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in workers:
+            process.terminate()
+        raise
+    pool.shutdown(wait=True)
     if failures:
         raise RuntimeError(f"runs {failures} failed in their worker processes (see the log above); "
                            "rerun the same command to retry them")
@@ -204,7 +240,10 @@ def run_states(study: StudyConfig, out: Path) -> list[dict[str, Any]]:
         checkpoint = directory / "checkpoint.pt"
         row: dict[str, Any] = {"run_id": config.run_id, "detail": ""}
         if store.finished(config.run_id, config.to_dict()):
-            status = json.loads(status_path.read_text())
+            try:
+                status = json.loads(status_path.read_text())
+            except ValueError:
+                status = {"status": "corrupt", "finished": f"{status_path} is not valid JSON; delete it to train the run again"}
             row["state"] = status.get("status", "completed")
             row["detail"] = status.get("finished", "")
         elif store.run_in_use(config.run_id):

@@ -39,6 +39,10 @@ class RunInUseError(RuntimeError):
     """Another process is training the same run."""
 
 
+class CorruptRunError(RuntimeError):
+    """A finished run's frame file cannot be read."""
+
+
 @contextmanager
 def _exclusive(path: Path, error: Exception) -> Iterator[None]:
     """Hold an ``fcntl`` lock on ``path`` or raise ``error``; the OS drops it when the holder dies, even by SIGKILL."""
@@ -97,7 +101,13 @@ class RunStore:
     def _has_config(self, run_id: str, config: dict[str, Any]) -> bool:
         """Return whether the run's ``config.json`` exists and equals ``config`` as JSON."""
         path = self.run_dir(run_id) / "config.json"
-        return path.is_file() and json.loads(path.read_text()) == json.loads(json.dumps(config, default=str))
+        if not path.is_file():
+            return False
+        try:
+            stored = json.loads(path.read_text())
+        except ValueError:  # a corrupt config.json: the run is trained again and the file rewritten
+            return False
+        return stored == json.loads(json.dumps(config, default=str))
 
     def finished(self, run_id: str, config: dict[str, Any]) -> bool:
         """Return whether ``run_id`` finished (completed, diverged or failed) with exactly ``config``."""
@@ -135,12 +145,20 @@ class RunStore:
             return []
         return sorted(p.name for p in runs.iterdir() if (p / "status.json").is_file())
 
+    def _read_frame(self, path: Path) -> pd.DataFrame:
+        try:
+            return pd.read_parquet(path)
+        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+            raise CorruptRunError(
+                f"corrupt frame {path}: {error}; delete {path.parent} and rerun the same command to train that run again"
+            ) from error
+
     def collect(self) -> dict[str, pd.DataFrame]:
         """Concatenate every finished run's frames into ``frames/`` and return them."""
         frames = {}
         for name in FRAMES:
             parts = [
-                pd.read_parquet(path)
+                self._read_frame(path)
                 for run_id in self.run_ids()
                 if (path := self.run_dir(run_id) / f"{name}.parquet").is_file()
             ]

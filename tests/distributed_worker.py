@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dynamics import DeltaGClip, TensorLoader, TrainConfig, Trainer, global_grad_norm  # noqa: E402
 from dynamics.session import ProbeSession  # noqa: E402
 from distributed_setup import batch, make_model, shards, tangent  # noqa: E402
-from probes import ClipActivityProbe, GradNormProbe, UpdateMagnitudeProbe  # noqa: E402
+from probes import ClipActivityProbe, GradNormProbe, SharpnessProbe, UpdateMagnitudeProbe  # noqa: E402
 from probes.hessian import HessianOperator  # noqa: E402
 
 
@@ -43,6 +43,7 @@ def main() -> None:
     model = make_model()
     operator = HessianOperator(model, nn.functional.cross_entropy, inputs[part], targets[part], method="double_backward")
     results["hvp"] = operator(tangent(operator.dim))
+    results["sharpness_batch"] = SharpnessProbe(inputs[part], targets[part])._union_batch_size()
 
     # A few δ-GClip steps under DDP: every rank must record the same clip decisions.
     model = make_model()

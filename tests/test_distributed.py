@@ -54,6 +54,7 @@ def test_all_reduced_hvp_equals_union_product(ranks):
     expected = operator(tangent(operator.dim))
     torch.testing.assert_close(results[0]["hvp"], expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(results[1]["hvp"], expected, rtol=1e-5, atol=1e-7)
+    assert results[0]["sharpness_batch"] == results[1]["sharpness_batch"] == len(targets)  # the union's size
 
 
 def test_clip_decisions_identical_on_ranks(ranks):

@@ -120,3 +120,31 @@ def test_jobs_flag_is_validated(tmp_path, capsys):
 def test_slurm_options_are_validated():
     with pytest.raises(ValueError, match="invalid slurm time_min=0"):
         SlurmOptions(time_min=0)
+
+
+def test_ctrl_c_leaves_queued_runs_pending(tmp_path):
+    """SIGINT to the process group (a terminal's Ctrl-C) stops `--jobs` runs within seconds."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "ctrl-c"
+    args = ["study", "depth", "--depths", "8", "--deltas", "0.01,0.2,0.9", "--lr", "0.1,0.05", "--epochs", "3",
+            "--jobs", "2", "--no-progress", "-q", "--out", str(out)]
+    code = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); " \
+           "from studies.cli import main; sys.exit(main(sys.argv[1:]))"
+    process = subprocess.Popen([sys.executable, "-c", code, *args], start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("runs/*/status.json")):
+        assert process.poll() is None, process.communicate()[0]
+        assert time.monotonic() < deadline, "no run finished within 120 s"
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)
+    started = time.monotonic()
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, output
+    assert time.monotonic() - started < 20
+    finished = len(list(out.glob("runs/*/status.json")))
+    assert finished < 10, "queued runs were trained after Ctrl-C"

@@ -117,3 +117,64 @@ def test_session_writes_frames(tmp_path, digits):
     assert epochs.loc[0, "test_acc"] == 0.5
     assert epochs.loc[0, "train_loss"] == pytest.approx(loss.item())
     assert optimizer.last == measurement  # δ-GClip's step used the session's measurement
+
+
+def _lightning_module(scheduler: bool = False):
+    import lightning
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _model()
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            optimizer = _optimizer(self.parameters())
+            if not scheduler:
+                return optimizer
+            return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5)}
+
+    return Module()
+
+
+def test_lightning_rejects_its_own_clipping(digits):
+    import lightning
+
+    from probes.lightning import ProbeCallback
+
+    trainer = lightning.Trainer(max_epochs=1, accelerator="cpu", logger=False, callbacks=[ProbeCallback(_probes())],
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                gradient_clip_val=1.0)
+    with pytest.raises(ValueError, match="invalid gradient_clip_val=1.0"):
+        trainer.fit(_lightning_module(), train_dataloaders=_loader(digits))
+
+
+def test_lightning_epoch_lr_is_the_rate_used(digits):
+    import lightning
+
+    from probes.lightning import ProbeCallback
+
+    callback = ProbeCallback(_probes())
+    trainer = lightning.Trainer(max_epochs=2, accelerator="cpu", logger=False, callbacks=[callback],
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(_lightning_module(scheduler=True), train_dataloaders=_loader(digits))
+    frames = callback.session.frames()
+    assert frames["epochs"]["lr"].tolist() == pytest.approx([0.2, 0.1])
+    last_step_lr = frames["steps"].groupby("epoch")["lr"].last().tolist()
+    assert frames["epochs"]["lr"].tolist() == pytest.approx(last_step_lr)
+
+
+def test_session_rejects_misuse(digits):
+    model = _model()
+    optimizer = _optimizer(model.parameters())
+    session = ProbeSession(model, optimizer, _probes())
+    inputs, targets = next(iter(_loader(digits)))
+    loss = nn.functional.cross_entropy(model(inputs), targets)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="call start_epoch"):
+        session.after_backward(loss, inputs, targets)
+    session.start_epoch(1)
+    with pytest.raises(RuntimeError, match="without after_backward"):
+        session.after_step()
