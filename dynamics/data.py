@@ -250,7 +250,7 @@ def load_cifar10_dataset(root: str | os.PathLike, download: bool = False) -> Ima
             raise DatasetError(
                 f"CIFAR-10 not found: looked for {root / CIFAR10_FOLDER}/test_batch and {root}/test_batch. "
                 f"Pass --data-root with the folder that holds {CIFAR10_FOLDER}/ (the official python "
-                f"archive from {CIFAR10_URL}, extracted), or allow the download"
+                f"archive from {CIFAR10_URL}, extracted), or add --download (download=True in code) to fetch it there"
             )
         folder = download_cifar10(root)
 

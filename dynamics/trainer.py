@@ -297,7 +297,7 @@ class Trainer:
                     self.save_checkpoint(state)
                     last_saved = time.perf_counter()
         except DivergenceError as error:
-            log.error("%s", error)
+            log.error("%s: %s", self.run_id or "run", error)
             self.session.finish()
             return TrainResult(state.recorder, "diverged", time.perf_counter() - started, str(error), error.step)
         self.session.finish()

@@ -198,7 +198,7 @@ def render_scaling(directories: list[str | Path], out: str | Path) -> Path:
     of other kinds are rejected. Returns the path of the figure's PNG.
     """
     parts = []
-    for directory in map(Path, directories):
+    for directory in dict.fromkeys(Path(d).resolve() for d in directories):  # each study once, in the given order
         runs = read_frames(directory)["runs"]
         kind = runs["study"].iloc[0] if "study" in runs else "depth"
         if kind not in ("depth", "width"):

@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--wait", action="store_true",
                        help="slurm: wait for every task, then collect the frames and render the report")
     study.add_argument("--status", action="store_true",
-                       help="print each run's state (completed, running, interrupted, pending, ...) and exit")
+                       help="print each run's state (completed, running, interrupted, pending, ...) and exit; "
+                            "with the --out of an existing study no other option is needed")
     study.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     study.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
 
@@ -289,6 +290,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(path)
         return 0
 
+    stored = args.out / "study.json" if args.out is not None else None
+    if args.status and stored is not None and stored.is_file():
+        # The directory's own study.json defines the grid, so --status needs only --out.
+        from studies.config import StudyConfig
+
+        try:
+            return print_status(StudyConfig.from_dict(json.loads(stored.read_text())), args.out)
+        except (ValueError, KeyError, TypeError) as error:
+            parser.error(f"invalid --out {args.out}: {stored} cannot be read ({error}); pass the study's options "
+                         "with --status, or delete the file")
     study, runs, out = _prepare_study(args, parser)
     if args.status:
         return print_status(study, out)

@@ -220,3 +220,12 @@ class StudyConfig:
         if "adam" in self.methods:  # only then, so study.json of earlier studies still matches on resume
             data["adam_lr"] = self.adam_lr
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StudyConfig":
+        """Rebuild a study from :meth:`to_dict` output (a study directory's ``study.json``)."""
+        return cls(
+            name=data["name"], base=RunConfig.from_dict(data["base"]), depths=tuple(data["depths"]),
+            widths=tuple(data["widths"]), methods=tuple(data["methods"]), deltas=tuple(data["deltas"]),
+            lrs=tuple(data.get("lrs", ())), preset=data.get("preset", ""), adam_lr=data.get("adam_lr", 1e-3),
+        )

@@ -65,6 +65,9 @@ def build_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimize
 
 def sharpness_batch(dataset: ImageDataset, loader: TensorLoader, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the fixed sharpness batch: ``size`` training images chosen by ``seed``, not augmented."""
+    if size > len(dataset.train_y):
+        log.warning("sharpness batch of %d images requested, but the training set has %d; all of them are used",
+                    size, len(dataset.train_y))
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(dataset.train_y), generator=generator)[:size].to(dataset.train_y.device)
     return loader.prepare(dataset.train_x[index], augment=False), dataset.train_y[index]

@@ -148,3 +148,12 @@ def test_ctrl_c_leaves_queued_runs_pending(tmp_path):
     assert time.monotonic() - started < 20
     finished = len(list(out.glob("runs/*/status.json")))
     assert finished < 10, "queued runs were trained after Ctrl-C"
+
+
+def test_status_needs_only_out(tmp_path, capsys):
+    out = tmp_path / "stored"
+    assert main(_args(out)) == 0
+    capsys.readouterr()
+    assert main(["study", "width", "--out", str(out), "--status"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "2 completed"

@@ -142,9 +142,10 @@ def test_delta_study_writes_comparison_tables(tmp_path):
 
 
 def test_scaling_plots_delta_star_across_studies(width_dir, tmp_path):
-    assert main(["scaling", str(width_dir), "--out", str(tmp_path), "-q"]) == 0
+    assert main(["scaling", str(width_dir), str(width_dir), "--out", str(tmp_path), "-q"]) == 0
     table = pd.read_csv(tmp_path / "tables" / "delta_star_scaling.csv")
     assert set(table["axis"]) == {"width"}
+    assert table["width"].tolist() == [1, 2]  # a directory given twice counts once
     assert (tmp_path / "figures" / "delta_star_scaling.pdf").stat().st_size > 1000
 
 
