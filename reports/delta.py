@@ -17,6 +17,7 @@ import math
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 
 from reports.figures import (
     COLUMN_WIDTH, PANEL_HEIGHT, STYLE, TEXT_WIDTH, _legend, _linestyle, _method_keys, _palette, _select, _zorder, log_mask,
@@ -123,11 +124,17 @@ def delta_star_scaling_figure(stars: pd.DataFrame, axes_names: tuple[str, ...] =
         width = TEXT_WIDTH if len(axes_names) > 1 else COLUMN_WIDTH
         fig, axes = plt.subplots(1, len(axes_names), figsize=(width, PANEL_HEIGHT + 0.4), sharey=True, squeeze=False)
         axes = axes[0]
+        studies = sorted(stars["study"].unique()) if not stars.empty else []
+        colors = dict(zip(studies, sns.color_palette("colorblind", n_colors=max(len(studies), 1))))
+        markers = dict(zip(studies, "o^sDvp<>h*" * 10))
         for ax, axis in zip(axes, axes_names):
             panel = stars[stars["axis"] == axis] if not stars.empty else stars
-            for marker, (study, points) in zip("o^sDv", panel.groupby("study", sort=True)):
+            for study, points in panel.groupby("study", sort=True):
                 points = points.sort_values(axis)
-                ax.plot(points[axis], points["delta_star"], marker=marker, markersize=4, linewidth=1.0, label=study)
+                ax.plot(points[axis], points["delta_star"], marker=markers[study], markersize=4, linewidth=1.0,
+                        color=colors[study], label=study)
+            if not panel.empty:
+                ax.set_xticks(sorted(panel[axis].unique()))
             if panel.empty:
                 ax.text(0.5, 0.5, f"no {axis} study", ha="center", va="center", transform=ax.transAxes)
             ax.set_yscale("log")
