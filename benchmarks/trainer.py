@@ -135,6 +135,7 @@ class Variant:
         torch.manual_seed(0)
         self.model = CifarResNet(20).to(device)
         self.times: list[float] = []
+        self.probes: list[TimedProbe] = []
         if name == "plain":
             self.optimizer = sgd(self.model)
             self.train = DataLoader(AugmentedImages(train_x, train_y, True), batch_size=128, shuffle=True,
@@ -143,16 +144,14 @@ class Variant:
             self.test = DataLoader(AugmentedImages(test_x, test_y, False), batch_size=1000, num_workers=0)
             return
         optimizer = sgd(self.model)
-        probes = []
         if name != "trainer":
             optimizer = DeltaGClip(optimizer, gamma=0.1, delta=0.2)
         if name == "dgclip+probes":
-            probes = [TimedProbe(p) for p in (GradNormProbe(), ClipActivityProbe(), UpdateMagnitudeProbe())]
-        self.probes = probes
+            self.probes = [TimedProbe(p) for p in (GradNormProbe(), ClipActivityProbe(), UpdateMagnitudeProbe())]
         train = TensorLoader(train_x.to(device), train_y.to(device), 128, shuffle=True, augment=True, mean=MEAN, std=STD)
         test = TensorLoader(test_x.to(device), test_y.to(device), 1000, mean=MEAN, std=STD)
         config = TrainConfig(epochs=1, progress=False, log_every=10**9)
-        self.trainer = Trainer(self.model, nn.CrossEntropyLoss(), train, test, optimizer, config, probes, device)
+        self.trainer = Trainer(self.model, nn.CrossEntropyLoss(), train, test, optimizer, config, self.probes, device)
 
     def run_epoch(self) -> None:
         started = time.perf_counter()
@@ -175,24 +174,29 @@ def main() -> None:
                         help="DataLoader worker processes of the plain loop (default 0: on a 2-core CPU, workers "
                              "compete with the training threads)")
     args = parser.parse_args()
+
     device = select_device(args.device)
     data = make_data(args.data_root, args.images)
     variants = [Variant(name, data, device, args.workers) for name in ("plain", "trainer", "dgclip", "dgclip+probes")]
     print(f"CIFAR-ResNet-20, batch 128, {args.images} {'CIFAR-10' if args.data_root else 'random'} images per epoch, "
           f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+
     for variant in variants:  # warm-up epoch, not timed
         variant.run_epoch()
         variant.times.clear()
-        for probe in getattr(variant, "probes", []):
+        for probe in variant.probes:
             probe.seconds = 0.0
     for _ in range(args.epochs):
         for variant in variants:
             variant.run_epoch()
+
     median = {v.name: statistics.median(v.times) for v in variants}
     speed = median["plain"] / median["trainer"]
     overhead = median["dgclip+probes"] / median["dgclip"] - 1
     probed = variants[-1]
-    inside = sum(probe.seconds for probe in probed.probes) / (sum(probed.times) - sum(probe.seconds for probe in probed.probes))
+    probe_seconds = sum(probe.seconds for probe in probed.probes)
+    inside = probe_seconds / (sum(probed.times) - probe_seconds)
+
     print("median epoch time: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in median.items()))
     print(f"trainer images/s divided by plain DataLoader loop images/s: {speed:.3f}  (target >= 0.97)")
     print(f"cheap probes (norm, histogram, counters, RUM), time inside their callbacks: {100 * inside:.2f}% of the "

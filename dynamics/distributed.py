@@ -35,6 +35,15 @@ def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return tensor
 
 
+def sum_over_ranks(count: int, device: torch.device | str, group=None) -> int:
+    """Return ``count`` summed over the ranks; in a single process, ``count`` itself without a device sync."""
+    if not is_distributed(group):
+        return count
+    total = torch.tensor(float(count), dtype=torch.float64, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return int(total.item())
+
+
 def broadcast_from_first(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """Overwrite ``tensor`` on every rank with the group's first rank's value, so all ranks hold the same bits."""
     if is_distributed(group):

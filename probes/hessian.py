@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from dynamics.distributed import all_reduce_sum
+from dynamics.distributed import all_reduce_sum, sum_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,7 @@ class HessianOperator:
         self.dim = sum(p.numel() for p in self.params)
         self.group = group
         # The loss of the whole batch: over every rank's part when distributed.
-        self.batch_size = int(all_reduce_sum(torch.tensor(float(len(targets)), dtype=torch.float64,
-                                                          device=targets.device), group).item())
+        self.batch_size = sum_over_ranks(len(targets), targets.device, group)
         chunk_size = chunk_size or len(targets)
         if chunk_size < 1:
             raise ValueError(f"invalid chunk_size={chunk_size}: expected an integer >= 1")

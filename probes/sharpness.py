@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from dynamics.distributed import all_reduce_sum
+from dynamics.distributed import sum_over_ranks
 
 from dynamics.events import Callback, TrainState
 from probes.backends import pyhessian_top_eigenvalue
@@ -111,8 +111,7 @@ class SharpnessProbe(Callback):
     def _union_batch_size(self) -> int:
         """Return the sharpness batch size over every rank's part (the local size in a single process)."""
         if self._batch_size is None:
-            size = torch.tensor(float(len(self.targets)), dtype=torch.float64, device=self.targets.device)
-            self._batch_size = int(all_reduce_sum(size, self.group).item())
+            self._batch_size = sum_over_ranks(len(self.targets), self.targets.device, self.group)
         return self._batch_size
 
     def measure(self, model: nn.Module, loss_fn: nn.Module, preconditioner: torch.Tensor | None = None) -> EigenEstimate:

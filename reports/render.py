@@ -27,17 +27,15 @@ def _read_parquet(path: Path) -> pd.DataFrame:
         raise ReportError(f"corrupt frame {path}: {error}; delete it and rerun the study command to rewrite it") from error
 
 
-def _collected_frames_current(directory: Path) -> bool:
-    """Return whether ``frames/runs.parquet`` lists exactly the runs that have finished (``runs/*/status.json``)."""
+def _current_collected_runs(directory: Path) -> pd.DataFrame | None:
+    """Return ``frames/runs.parquet`` if it lists exactly the finished runs (``runs/*/status.json``), else None."""
     path = directory / "frames" / "runs.parquet"
     if not path.is_file():
-        return False
-    finished = sorted(p.parent.name for p in directory.glob("runs/*/status.json"))
-    if not finished:
-        return True
+        return None
     collected = _read_parquet(path)
+    finished = sorted(p.parent.name for p in directory.glob("runs/*/status.json"))
     listed = sorted(collected["run_id"]) if "run_id" in collected else []
-    return listed == finished
+    return collected if not finished or listed == finished else None
 
 
 def read_frames(directory: Path) -> dict[str, pd.DataFrame]:
@@ -50,12 +48,12 @@ def read_frames(directory: Path) -> dict[str, pd.DataFrame]:
         raise ReportError(f"study directory {directory} not found; pass the --out of an `eos study` command")
     if not directory.is_dir():
         raise ReportError(f"{directory} is a file; pass the study directory (the --out of `eos study`)")
-    current = _collected_frames_current(directory)
+    collected_runs = _current_collected_runs(directory)
     frames = {}
     for name in FRAME_NAMES:
         path = directory / "frames" / f"{name}.parquet"
-        if current and path.is_file():
-            frames[name] = _read_parquet(path)
+        if collected_runs is not None and path.is_file():
+            frames[name] = collected_runs if name == "runs" else _read_parquet(path)
             continue
         parts = [_read_parquet(p) for p in sorted(directory.glob(f"runs/*/{name}.parquet"))]
         parts = [p for p in parts if not p.empty]

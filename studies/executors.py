@@ -16,6 +16,7 @@ keeps two processes from training the same run at once.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -230,8 +231,6 @@ def run_states(study: StudyConfig, out: Path) -> list[dict[str, Any]]:
     holds the run's lock), ``interrupted`` (a checkpoint exists but no process trains the run),
     ``stale`` (finished with another config) and ``pending``.
     """
-    import json
-
     store = RunStore(out)
     rows = []
     for config in study.runs():

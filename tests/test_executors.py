@@ -123,7 +123,11 @@ def test_slurm_options_are_validated():
 
 
 def test_ctrl_c_leaves_queued_runs_pending(tmp_path):
-    """SIGINT to the process group (a terminal's Ctrl-C) stops `--jobs` runs within seconds."""
+    """SIGINT to the process group (a terminal's Ctrl-C) stops `--jobs` runs within seconds.
+
+    The fault: leaving the process pool's `with` block waited for every queued run, so
+    all of them trained after Ctrl-C.
+    """
     import os
     import signal
     import subprocess

@@ -152,6 +152,7 @@ def test_lightning_rejects_its_own_clipping(digits):
 
 
 def test_lightning_epoch_lr_is_the_rate_used(digits):
+    """The fault: Lightning steps an epoch scheduler before on_train_epoch_end, so the row got the next epoch's η."""
     import lightning
 
     from probes.lightning import ProbeCallback

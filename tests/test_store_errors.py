@@ -21,7 +21,7 @@ def study_dir(tmp_path):
 
 
 def test_report_rebuilds_out_of_date_frames(study_dir):
-    # frames/ written when only one run had finished; the other finished later (another process).
+    """The fault: frames/ written while one run was still training elsewhere hid that run from every later report."""
     runs = pd.read_parquet(study_dir / "frames" / "runs.parquet")
     runs.iloc[:1].to_parquet(study_dir / "frames" / "runs.parquet")
     frames = read_frames(study_dir)
