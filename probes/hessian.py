@@ -375,7 +375,9 @@ def lanczos(
     if not torch.isfinite(norm) or norm == 0:
         raise ValueError("the start vector of Lanczos must be finite and non-zero")
     steps = min(max_iter, dim)
-    basis = torch.zeros(steps, dim, dtype=torch.float64, device=device)
+    # Rows grow by doubling: a solve usually stops far below max_iter, and a full
+    # (max_iter, dim) block would cost a large allocation on every call.
+    basis = torch.empty(min(steps, 8), dim, dtype=torch.float64, device=device)
     basis[0] = q / norm
     alphas: list[float] = []
     betas: list[float] = []
@@ -406,6 +408,10 @@ def lanczos(
             converged = True
             break
         if j + 1 < steps:
+            if j + 1 == len(basis):
+                grown = torch.empty(min(2 * len(basis), steps), dim, dtype=torch.float64, device=device)
+                grown[: len(basis)] = basis
+                basis = grown
             basis[j + 1] = w / beta
             betas.append(beta)
 
