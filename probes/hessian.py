@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from dynamics.distributed import all_reduce_sum, sum_over_ranks
+from probes.linearized import SplitProduct, cached_split_product
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,11 @@ class HessianOperator:
 
     - ``double_backward``: ∇(∇L·v) by ``torch.autograd.grad`` twice. With one chunk
       the gradient graph is built once and reused by every product.
-    - ``forward_over_reverse``: ``torch.func.jvp`` of ``torch.func.grad``; each product
-      runs one forward and one backward with dual numbers, and keeps no graph.
+    - ``forward_over_reverse``: ``torch.func.jvp`` of ``torch.func.grad``. With one chunk
+      the product is traced once per model signature and split (:mod:`probes.linearized`):
+      the forward and backward pass run once per operator, each product runs only the
+      tangent terms. With several chunks, or a model that cannot be traced, each product
+      runs one forward and one backward with dual numbers and keeps no graph.
 
     ``auto`` times one product of each on the first call and keeps the faster path
     that works; a path that fails is logged with its reason. With several chunks
@@ -123,6 +127,12 @@ class HessianOperator:
         self.fallback_reason = ""
         self.products = 0
         self._grads: tuple[torch.Tensor, ...] | None = None
+        # Forward-over-reverse with the primal pass done once (probes.linearized).
+        self._split_product: SplitProduct | None = None
+        self._bound: tuple[torch.Tensor, ...] = ()
+        self._split_gradient: torch.Tensor | None = None
+        self._split_unavailable = False
+        self.split_fallback_reason = ""
 
     # -- the two paths ---------------------------------------------------------------
 
@@ -157,7 +167,28 @@ class HessianOperator:
             total = part if total is None else total + part
         return total
 
+    def _bind_split(self) -> bool:
+        """Bind the split product, tracing it on first use per model signature; return False if unusable."""
+        if self._split_product is not None:
+            return True
+        if len(self.chunks) > 1 or self._split_unavailable:
+            return False
+        inputs, targets = self.chunks[0]
+        try:
+            self._split_product, self._bound, gradient = cached_split_product(
+                self.model, self.names, self.loss_fn, len(targets) / self.batch_size, self.params, inputs, targets)
+        except Exception as error:  # the plain product remains, and it reports its own errors
+            self._split_unavailable = True
+            reason = f"{type(error).__name__}: {error}".splitlines()[0]
+            log.info("forward-over-reverse products recompute the primal pass at every product: %s", reason)
+            self.split_fallback_reason = reason
+            return False
+        self._split_gradient = self._flat(gradient)
+        return True
+
     def _forward_over_reverse(self, tangents: list[torch.Tensor]) -> torch.Tensor:
+        if self._bind_split():
+            return self._flat(self._split_product.product(self._bound, tangents))
         from torch.func import functional_call, grad, jvp
 
         def chunk_loss(params: tuple[torch.Tensor, ...], inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -184,8 +215,8 @@ class HessianOperator:
         errors: dict[str, str] = {}
         for method in ("forward_over_reverse", "double_backward"):
             try:
-                if method == "double_backward" and len(self.chunks) == 1:
-                    self._run(method, tangents)  # builds the cached graph; later products reuse it
+                if len(self.chunks) == 1:
+                    self._run(method, tangents)  # builds the cached graph or split; later products reuse it
                 started = time.perf_counter()
                 product = self._run(method, tangents)
                 product.sum().item()  # host sync, so the time covers the device work
@@ -223,6 +254,8 @@ class HessianOperator:
         return all_reduce_sum(self._local_gradient(), self.group)
 
     def _local_gradient(self) -> torch.Tensor:
+        if self.method == "forward_over_reverse" and self._bind_split():
+            return self._split_gradient
         if len(self.chunks) == 1 and self.method in ("auto", "double_backward"):
             try:
                 if self._grads is None:
@@ -242,8 +275,9 @@ class HessianOperator:
         return total
 
     def release(self) -> None:
-        """Drop the cached gradient graph."""
+        """Drop the cached gradient graph and the bound values of the split product."""
         self._grads = None
+        self._split_product, self._bound, self._split_gradient = None, (), None
 
 
 def has_delayed_error(roots: Sequence[torch.Tensor]) -> bool:

@@ -105,11 +105,12 @@ def _live_tensors():
     return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
 
 
-def test_fifty_probe_calls_keep_memory_and_grad():
+@pytest.mark.parametrize("method", ["double_backward", "forward_over_reverse"])
+def test_fifty_probe_calls_keep_memory_and_grad(method):
     model, inputs, targets = _bn_problem()
     nn.CrossEntropyLoss()(model(inputs), targets).backward()
     grads = [p.grad.clone() for p in model.parameters()]
-    probe = SharpnessProbe(inputs, targets, max_iter=10, hvp_method="double_backward")
+    probe = SharpnessProbe(inputs, targets, max_iter=10, hvp_method=method)
     probe.measure(model, nn.CrossEntropyLoss())
     baseline = _live_tensors()
     for _ in range(50):
