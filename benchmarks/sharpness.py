@@ -3,11 +3,15 @@
 Prints ratios measured in one run (absolute times on a shared machine mean little):
 
 - time to reach 1e-3 relative error against a tightly converged reference, for our
-  Lanczos from a cold start and warm-started from the previous eigenvector after a
-  few training steps, each divided by pyhessian's time to the same accuracy;
-- time of one Hessian-vector product divided by one forward+backward, per path;
+  Lanczos from a cold start (per product path, and for the first call of a run, which
+  also traces the forward-over-reverse product) and warm-started from the previous
+  eigenvector after a few training steps, each divided by pyhessian's time to the
+  same accuracy;
+- time of one Hessian-vector product divided by one forward+backward, per path, and
+  the one-time costs: building the double-backward graph, tracing the split
+  forward-over-reverse product, and running its primal part once per solve;
 - peak memory of a solve (resident set size growth, each in a fresh process),
-  ours divided by pyhessian's.
+  per path divided by pyhessian's.
 
 Both estimators see the same 128-image batch with BatchNorm in eval mode, the only
 mode pyhessian supports. Usage:
@@ -18,6 +22,7 @@ mode pyhessian supports. Usage:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import subprocess
@@ -36,6 +41,22 @@ from dynamics.models import CifarResNet  # noqa: E402
 from probes.hessian import HessianOperator, lanczos, solve_mode  # noqa: E402
 
 ACCURACY = 1e-3
+# Cold starts compared with pyhessian: (product path, start vector of ours_trace).
+STARTS = {
+    "cold_forward_over_reverse": ("forward_over_reverse", "gradient"),
+    "cold_double_backward": ("double_backward", "gradient"),
+    "cold_gaussian_start": ("forward_over_reverse", None),
+}
+STARTS_LABELS = {
+    "cold_forward_over_reverse": "ours, cold start from the gradient, forward-over-reverse (split traced earlier in the run)",
+    "cold_double_backward": "ours, cold start from the gradient, double backward",
+    "cold_gaussian_start": "ours, cold start from a Gaussian vector, forward-over-reverse",
+}
+
+
+def median(values) -> float:
+    values = sorted(values)
+    return values[len(values) // 2]
 
 
 def make_problem(data_root: str | None, batch: int = 128, seed: int = 0):
@@ -88,6 +109,21 @@ def ours_vector(model, loss_fn, inputs, targets, method):
         estimate = lanczos(operator, operator.dim, max_iter=150, tol=1e-9, generator=torch.Generator().manual_seed(7))
         operator.release()
     return estimate
+
+
+def first_call_seconds(model, loss_fn, inputs, targets) -> float:
+    """Return the seconds the first forward-over-reverse solve of a run spends tracing its split product.
+
+    Measured as the first bind (trace and primal part) minus a later bind (primal part only).
+    """
+    model.eval()
+    with solve_mode(model):
+        timings = []
+        for _ in range(2):
+            started = time.perf_counter()
+            HessianOperator(model, loss_fn, inputs, targets, method="forward_over_reverse").gradient()
+            timings.append(time.perf_counter() - started)
+    return timings[0] - timings[1]
 
 
 def pyhessian_trace(model, loss_fn, inputs, targets, max_iter=200, seed=1):
@@ -146,9 +182,23 @@ def product_ratios(model, loss_fn, inputs, targets, repeats):
         torch.autograd.grad(loss_fn(model(inputs), targets), params)
 
     base = median_time(forward_backward)
-    ratios = {}
+    ratios = {"forward_backward": base}
     vector = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    tangents = [torch.randn_like(p) for p in params]
+
+    def plain_forward_over_reverse():
+        from torch.func import functional_call, grad, jvp
+
+        def loss(values):
+            return loss_fn(functional_call(model, dict(zip(names, values)), (inputs,)), targets)
+
+        jvp(grad(loss), (tuple(p.detach() for p in params),), (tuple(tangents),))
+
     with solve_mode(model):
+        ratios["forward_over_reverse_plain"] = median_time(plain_forward_over_reverse, count=3) / base
+        ratios["split_bind"] = median_time(
+            lambda: HessianOperator(model, loss_fn, inputs, targets, method="forward_over_reverse").gradient()) / base
         for method in ("double_backward", "forward_over_reverse"):
             operator = HessianOperator(model, loss_fn, inputs, targets, method=method)
             ratios[method] = median_time(lambda: operator(vector)) / base
@@ -169,33 +219,43 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
+MEMORY_CASES = ("double_backward", "forward_over_reverse", "pyhessian")
+
+
 def memory_child(which: str, data_root: str | None) -> None:
-    """Print peak RSS growth (KiB) during one 30-product solve; runs in a fresh process (Linux)."""
+    """Print peak RSS growth (KiB) during one 30-product solve, run in a fresh process (Linux).
+
+    An untimed solve first traces the forward-over-reverse split, as happens once per
+    run. Freed memory is then handed back to the system, so the growth is the solve's.
+    """
     model, loss_fn, inputs, targets, _, _ = make_problem(data_root)
     model.eval()
+    if which == "forward_over_reverse":
+        ours_trace(model, loss_fn, inputs, targets, which, max_iter=1)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     before = _status_kib("VmRSS")
-    if which == "ours":
-        ours_trace(model, loss_fn, inputs, targets, "double_backward", max_iter=30)
-    else:
+    if which == "pyhessian":
         pyhessian_trace(model, loss_fn, inputs, targets, max_iter=30)
+    else:
+        ours_trace(model, loss_fn, inputs, targets, which, max_iter=30)
     print(_status_kib("VmHWM") - before)
 
 
-def memory_ratio(data_root: str | None) -> tuple[float, dict]:
+def memory_growth(data_root: str | None) -> dict[str, int]:
     growth = {}
-    for which in ("ours", "pyhessian"):
+    for which in MEMORY_CASES:
         command = [sys.executable, __file__, "--memory-child", which] + (["--data-root", data_root] if data_root else [])
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         growth[which] = int(output)
-    return growth["ours"] / max(growth["pyhessian"], 1), growth
+    return growth
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", help="folder holding cifar-10-batches-py/ (default: random images)")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (medians are reported)")
-    parser.add_argument("--memory-child", choices=("ours", "pyhessian"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", choices=MEMORY_CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child, args.data_root)
@@ -210,24 +270,15 @@ def main() -> None:
     print(f"reference λ_max {reference.lambda_max:.6g} (residual {reference.residual:.2e}, "
           f"{reference.hvp_count} products, converged {reference.converged})")
 
-    cold_times, pyhessian_times, cold_products, pyhessian_products = [], [], [], []
-    random_times, random_products = [], []
+    trace_seconds = first_call_seconds(model, loss_fn, inputs, targets)
+    pyhessian_runs, runs = [], {name: [] for name in STARTS}
     for repeat in range(args.repeats):
-        seconds, products = time_to_accuracy(ours_trace(model, loss_fn, inputs, targets, "double_backward", seed=repeat),
-                                             reference.lambda_max)
-        cold_times.append(seconds)
-        cold_products.append(products)
-        seconds, products = time_to_accuracy(
-            ours_trace(model, loss_fn, inputs, targets, "double_backward", start=None, seed=repeat), reference.lambda_max)
-        random_times.append(seconds)
-        random_products.append(products)
-        seconds, products = time_to_accuracy(pyhessian_trace(model, loss_fn, inputs, targets, seed=repeat),
-                                             reference.lambda_max)
-        pyhessian_times.append(seconds)
-        pyhessian_products.append(products)
-    pyhessian_time = sorted(pyhessian_times)[len(pyhessian_times) // 2]
-    cold_time = sorted(cold_times)[len(cold_times) // 2]
-    random_time = sorted(random_times)[len(random_times) // 2]
+        for name, (method, start) in STARTS.items():
+            runs[name].append(time_to_accuracy(
+                ours_trace(model, loss_fn, inputs, targets, method, start=start, seed=repeat), reference.lambda_max))
+        pyhessian_runs.append(time_to_accuracy(pyhessian_trace(model, loss_fn, inputs, targets, seed=repeat),
+                                               reference.lambda_max))
+    pyhessian_time = median(s for s, _ in pyhessian_runs)
 
     # Warm start: a few training steps later, start from the previous eigenvector.
     previous = reference.vector
@@ -237,36 +288,50 @@ def main() -> None:
         loss_fn(model(x), y).backward()
         optimizer.step()
     moved = ours_vector(model, loss_fn, inputs, targets, "double_backward")
-    warm_seconds, warm_products = time_to_accuracy(
-        ours_trace(model, loss_fn, inputs, targets, "double_backward", start=previous), moved.lambda_max)
-    moved_pyhessian = [time_to_accuracy(pyhessian_trace(model, loss_fn, inputs, targets, seed=r), moved.lambda_max)
-                       for r in range(args.repeats)]
-    moved_pyhessian_time = sorted(s for s, _ in moved_pyhessian)[len(moved_pyhessian) // 2]
+    warm = {method: time_to_accuracy(ours_trace(model, loss_fn, inputs, targets, method, start=previous),
+                                     moved.lambda_max) for method in ("forward_over_reverse", "double_backward")}
+    moved_pyhessian_time = median(
+        time_to_accuracy(pyhessian_trace(model, loss_fn, inputs, targets, seed=r), moved.lambda_max)[0]
+        for r in range(args.repeats))
 
-    print(f"\ntime to {ACCURACY:g} relative error (medians of {args.repeats}):")
-    print(f"  pyhessian power iteration: {pyhessian_products} products")
-    print(f"  ours, cold start from the gradient (the default): {cold_products} products, "
-          f"ratio to pyhessian {cold_time / pyhessian_time:.3f}  (target <= 0.5)")
-    print(f"  ours, cold start from a Gaussian vector: {random_products} products, "
-          f"ratio to pyhessian {random_time / pyhessian_time:.3f}")
-    print(f"  ours, warm start after {len(later)} SGD steps: {warm_products} products, "
-          f"ratio to pyhessian {warm_seconds / moved_pyhessian_time:.3f}  (target <= 0.25)")
+    print(f"\ntime to {ACCURACY:g} relative error (medians of {args.repeats}), divided by pyhessian's "
+          f"({[p for _, p in pyhessian_runs]} products of its power iteration):")
+    summary = {}
+    for name, label in STARTS_LABELS.items():
+        seconds = median(s for s, _ in runs[name])
+        summary[name] = seconds / pyhessian_time
+        target = "  (target <= 0.5)" if name == "cold_forward_over_reverse" else ""
+        print(f"  {label}: {[p for _, p in runs[name]]} products, {summary[name]:.3f}{target}")
+    first = (median(s for s, _ in runs["cold_forward_over_reverse"]) + trace_seconds) / pyhessian_time
+    print(f"  the same, at the first call of a run (adds the one-time trace): {first:.3f}")
+    for method, (seconds, products) in warm.items():
+        summary[f"warm_{method}"] = seconds / moved_pyhessian_time
+        target = "  (target <= 0.25)" if method == "forward_over_reverse" else ""
+        print(f"  warm start after {len(later)} SGD steps, {method.replace('_', '-')}: {products} products, "
+              f"{summary[f'warm_{method}']:.3f}{target}")
 
     ratios = product_ratios(model, loss_fn, inputs, targets, args.repeats)
     print("\nHessian-vector product time / forward+backward time:")
+    print(f"  one-time trace of the forward-over-reverse split: {trace_seconds / ratios['forward_backward']:.1f}")
     print(f"  double backward, graph reused: {ratios['double_backward']:.2f}")
     print(f"  double backward, first product (builds the graph): {ratios['double_backward_first']:.2f}")
-    print(f"  forward-over-reverse: {ratios['forward_over_reverse']:.2f}  (target <= 2.6)")
+    print(f"  forward-over-reverse, primal part done once per solve: {ratios['forward_over_reverse']:.2f}  "
+          "(target <= 2.6)")
+    print(f"  forward-over-reverse, primal part computed at every product (torch.func.jvp): "
+          f"{ratios['forward_over_reverse_plain']:.2f}")
+    print(f"  primal part of the split (once per solve; gives the gradient too): {ratios['split_bind']:.2f}")
 
-    ratio, growth = memory_ratio(args.data_root)
-    print(f"\npeak memory growth during a solve: ours {growth['ours']} KiB, pyhessian {growth['pyhessian']} KiB, "
-          f"ratio {ratio:.2f}")
+    growth = memory_growth(args.data_root)
+    memory = {method: growth[method] / max(growth["pyhessian"], 1) for method in ("double_backward", "forward_over_reverse")}
+    print(f"\npeak memory growth during a 30-product solve, divided by pyhessian's ({growth['pyhessian']} KiB):")
+    for method, ratio in memory.items():
+        print(f"  {method.replace('_', '-')}: {ratio:.2f} ({growth[method]} KiB)")
     print(json.dumps({
-        "cold_over_pyhessian": cold_time / pyhessian_time,
-        "warm_over_pyhessian": warm_seconds / moved_pyhessian_time,
+        **{f"{name}_over_pyhessian": value for name, value in summary.items()},
+        "first_call_forward_over_reverse_over_pyhessian": first,
         "double_backward_over_fwd_bwd": ratios["double_backward"],
         "forward_over_reverse_over_fwd_bwd": ratios["forward_over_reverse"],
-        "memory_over_pyhessian": ratio,
+        **{f"memory_{method}_over_pyhessian": ratio for method, ratio in memory.items()},
     }))
 
 
