@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import json
 import math
 import subprocess
@@ -60,26 +61,32 @@ def median(values) -> float:
 
 
 def make_problem(data_root: str | None, batch: int = 128, seed: int = 0):
-    """Return a ResNet-20 trained for a few steps and a fixed batch (real CIFAR images when given)."""
+    """Return a ResNet-20 trained for 15 steps, a fixed batch (real CIFAR images when given),
+    its loss, its optimizer and a function that returns the next training batch."""
     torch.manual_seed(seed)
     if data_root:
         dataset = load_cifar10_dataset(data_root)
         loader = TensorLoader(dataset.train_x, dataset.train_y, batch, shuffle=True, augment=True,
                               mean=dataset.mean, std=dataset.std, seed=seed)
-        batches = iter(loader)
-        inputs, targets = next(batches)
-        train = [next(batches) for _ in range(20)]
+        stream = (pair for _ in itertools.count() for pair in loader)  # epoch after epoch
+        next_batch = lambda: next(stream)  # noqa: E731
     else:
-        inputs, targets = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-        train = [(torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))) for _ in range(20)]
+        next_batch = lambda: (torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,)))  # noqa: E731
+    inputs, targets = next_batch()
     model = CifarResNet(20)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
-    for x, y in train[:15]:  # leave the random initialization, give BatchNorm real statistics
+    train_steps(model, loss_fn, optimizer, next_batch, 15)  # leave the random initialization
+    return model, loss_fn, inputs, targets, optimizer, next_batch
+
+
+def train_steps(model, loss_fn, optimizer, next_batch, steps: int) -> None:
+    model.train()
+    for _ in range(steps):
+        x, y = next_batch()
         optimizer.zero_grad()
         loss_fn(model(x), y).backward()
         optimizer.step()
-    return model, loss_fn, inputs, targets, optimizer, train[15:]
 
 
 def ours_trace(model, loss_fn, inputs, targets, method, start="gradient", max_iter=80, seed=1):
@@ -109,6 +116,26 @@ def ours_vector(model, loss_fn, inputs, targets, method):
         estimate = lanczos(operator, operator.dim, max_iter=150, tol=1e-9, generator=torch.Generator().manual_seed(7))
         operator.release()
     return estimate
+
+
+def warm_ratios(model, loss_fn, inputs, targets, optimizer, next_batch, gap: int, repeats: int) -> dict:
+    """Solve, train ``gap`` steps, then time a solve started from the previous eigenvector.
+
+    Returns {path: (time to accuracy ÷ pyhessian's, products, relative change of λ_max)}.
+    """
+    previous = ours_vector(model, loss_fn, inputs, targets, "double_backward")
+    train_steps(model, loss_fn, optimizer, next_batch, gap)
+    moved = ours_vector(model, loss_fn, inputs, targets, "double_backward")
+    pyhessian_time = median(
+        time_to_accuracy(pyhessian_trace(model, loss_fn, inputs, targets, seed=r), moved.lambda_max)[0]
+        for r in range(repeats))
+    change = moved.lambda_max / previous.lambda_max - 1
+    results = {}
+    for method in ("forward_over_reverse", "double_backward"):
+        seconds, products = time_to_accuracy(
+            ours_trace(model, loss_fn, inputs, targets, method, start=previous.vector), moved.lambda_max)
+        results[method] = (seconds / pyhessian_time, products, change)
+    return results
 
 
 def first_call_seconds(model, loss_fn, inputs, targets) -> float:
@@ -202,13 +229,14 @@ def product_ratios(model, loss_fn, inputs, targets, repeats):
         for method in ("double_backward", "forward_over_reverse"):
             operator = HessianOperator(model, loss_fn, inputs, targets, method=method)
             ratios[method] = median_time(lambda: operator(vector)) / base
+            operator.release()
             if method == "double_backward":
                 # The first product also builds the gradient graph; time that one apart.
                 fresh = HessianOperator(model, loss_fn, inputs, targets, method=method)
                 started = time.perf_counter()
                 fresh(vector)
                 ratios["double_backward_first"] = (time.perf_counter() - started) / base
-            operator.release()
+                fresh.release()
     return ratios
 
 
@@ -255,6 +283,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", help="folder holding cifar-10-batches-py/ (default: random images)")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (medians are reported)")
+    parser.add_argument("--gap", type=int, default=5, help="SGD steps between a solve and its warm-started successor")
+    parser.add_argument("--settle-steps", type=int, default=300,
+                        help="SGD steps between the early and the later warm-start measurement")
     parser.add_argument("--memory-child", choices=MEMORY_CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -262,7 +293,7 @@ def main() -> None:
         return
     torch.set_num_threads(torch.get_num_threads())
 
-    model, loss_fn, inputs, targets, optimizer, later = make_problem(args.data_root)
+    model, loss_fn, inputs, targets, optimizer, next_batch = make_problem(args.data_root)
     print(f"CIFAR-ResNet-20, batch {len(targets)}, {'real CIFAR-10 images' if args.data_root else 'random images'}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
 
@@ -280,19 +311,11 @@ def main() -> None:
                                                reference.lambda_max))
     pyhessian_time = median(s for s, _ in pyhessian_runs)
 
-    # Warm start: a few training steps later, start from the previous eigenvector.
-    previous = reference.vector
-    model.train()
-    for x, y in later:
-        optimizer.zero_grad()
-        loss_fn(model(x), y).backward()
-        optimizer.step()
-    moved = ours_vector(model, loss_fn, inputs, targets, "double_backward")
-    warm = {method: time_to_accuracy(ours_trace(model, loss_fn, inputs, targets, method, start=previous),
-                                     moved.lambda_max) for method in ("forward_over_reverse", "double_backward")}
-    moved_pyhessian_time = median(
-        time_to_accuracy(pyhessian_trace(model, loss_fn, inputs, targets, seed=r), moved.lambda_max)[0]
-        for r in range(args.repeats))
+    # Warm start: a few training steps later, start from the previous eigenvector. Early
+    # in training λ_max moves fast; after --settle-steps more steps it moves less.
+    warm_early = warm_ratios(model, loss_fn, inputs, targets, optimizer, next_batch, args.gap, args.repeats)
+    train_steps(model, loss_fn, optimizer, next_batch, args.settle_steps)
+    warm_settled = warm_ratios(model, loss_fn, inputs, targets, optimizer, next_batch, args.gap, args.repeats)
 
     print(f"\ntime to {ACCURACY:g} relative error (medians of {args.repeats}), divided by pyhessian's "
           f"({[p for _, p in pyhessian_runs]} products of its power iteration):")
@@ -304,11 +327,13 @@ def main() -> None:
         print(f"  {label}: {[p for _, p in runs[name]]} products, {summary[name]:.3f}{target}")
     first = (median(s for s, _ in runs["cold_forward_over_reverse"]) + trace_seconds) / pyhessian_time
     print(f"  the same, at the first call of a run (adds the one-time trace): {first:.3f}")
-    for method, (seconds, products) in warm.items():
-        summary[f"warm_{method}"] = seconds / moved_pyhessian_time
-        target = "  (target <= 0.25)" if method == "forward_over_reverse" else ""
-        print(f"  warm start after {len(later)} SGD steps, {method.replace('_', '-')}: {products} products, "
-              f"{summary[f'warm_{method}']:.3f}{target}")
+    settled_step = 15 + 2 * args.gap + args.settle_steps
+    for when, warm in ((f"at step {15 + args.gap}", warm_early), (f"at step {settled_step}", warm_settled)):
+        for method, (ratio, products, change) in warm.items():
+            summary[f"warm_{method}" + ("" if warm is warm_early else "_settled")] = ratio
+            target = "  (target <= 0.25)" if method == "forward_over_reverse" else ""
+            print(f"  warm start {when}, {args.gap} SGD steps after the previous solve (λ_max moved {change:+.1%}), "
+                  f"{method.replace('_', '-')}: {products} products, {ratio:.3f}{target}")
 
     ratios = product_ratios(model, loss_fn, inputs, targets, args.repeats)
     print("\nHessian-vector product time / forward+backward time:")
