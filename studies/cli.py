@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also measure λ_max every N optimizer steps (0: never; the sharpness study uses 25)")
     study.add_argument("--sharpness-batch", type=int,
                        help="training images in the fixed sharpness batch (at most the training set)")
+    study.add_argument("--sharpness-hvp", choices=("double_backward", "forward_over_reverse", "auto"),
+                       help="Hessian-vector product path (default double_backward, bitwise reproducible; "
+                            "forward_over_reverse is faster per product after a one-time trace)")
     study.add_argument("--checkpoint-interval", type=float, default=30.0,
                        help="seconds between epoch-end checkpoints (0: after every epoch; default 30)")
     study.add_argument("--executor", choices=("local", "slurm"), default="local",
@@ -148,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 OVERRIDES = (
     "depths", "widths", "deltas", "methods", "gamma", "optimizer", "momentum", "weight_decay", "epochs",
     "milestones", "batch_size", "dataset", "device", "seed", "sharpness_every", "sharpness_batch", "max_loss",
-    "nonfinite", "sharpness_every_steps", "adam_lr", "autocast", "channels_last", "compile",
+    "nonfinite", "sharpness_every_steps", "adam_lr", "autocast", "channels_last", "compile", "sharpness_hvp",
 )
 
 

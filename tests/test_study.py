@@ -268,3 +268,19 @@ def test_nonfinite_raise_fails_the_run_and_keeps_rows(tmp_path, monkeypatch):
     assert "contains inf or NaN" in runs["reason"].iloc[0]
     steps = pd.read_parquet(out / "frames" / "steps.parquet")
     assert steps["skipped"].tolist() == [True]
+
+
+def test_sharpness_hvp_option_reaches_probe(tmp_path):
+    """--sharpness-hvp forward_over_reverse is the product path of every λ_max row, and the
+    estimates equal those of the default double-backward path."""
+    frames = {}
+    for method in ("double_backward", "forward_over_reverse"):
+        out = tmp_path / method
+        args = ["study", "depth", "--depths", "8", "--methods", "gclip", "--epochs", "1", "--sharpness-every", "1",
+                "--sharpness-batch", "32", "--sharpness-hvp", method, "--no-progress", "-q", "--out", str(out)]
+        assert main(args) == 0
+        frames[method] = pd.read_parquet(out / "frames" / "sharpness.parquet")
+    assert set(frames["forward_over_reverse"]["estimator"]) == {"lanczos/forward_over_reverse"}
+    assert set(frames["double_backward"]["estimator"]) == {"lanczos/double_backward"}
+    assert frames["forward_over_reverse"]["lambda_max"].tolist() == pytest.approx(
+        frames["double_backward"]["lambda_max"].tolist(), rel=1e-4)
