@@ -4,7 +4,8 @@ Conventions a reader could get wrong:
 
 - The loss is the training loss with the same reduction as training (the mean over
   the batch). A batch split into chunks is weighted by chunk size, so the product is
-  the one of the whole batch.
+  the one of the whole batch, except with BatchNorm in train mode: there each chunk
+  is normalized with its own statistics.
 - λ_max is the largest *algebraic* eigenvalue, not the largest in magnitude. Lanczos
   finds both ends of the spectrum and reports the top one; power iteration is shifted
   when the dominant eigenvalue is negative or does not converge.
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from dynamics.distributed import all_reduce_sum, sum_over_ranks
-from probes.linearized import SplitProduct, cached_split_product
+from probes.linearized import ParametersReadDirectly, SplitProduct, cached_split_product, call_with
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,14 @@ class HessianOperator:
       the product is traced once per model signature and split (:mod:`probes.linearized`):
       the forward and backward pass run once per operator, each product runs only the
       tangent terms. With several chunks, or a model that cannot be traced, each product
-      runs one forward and one backward with dual numbers and keeps no graph.
+      runs one forward and one backward with dual numbers and keeps no graph. The loss
+      must reach the parameters only through ``model(inputs)``: an L2 term over
+      ``model.parameters()`` is checked for and rejected with one chunk.
+      NOTE: with several chunks such a term is silently left out of the product.
 
     ``auto`` times one product of each on the first call and keeps the faster path
-    that works; a path that fails is logged with its reason. With several chunks
+    that works; a path that fails is logged with its reason. When both work but
+    their products differ by more than 1e-3 (relative), it keeps double backward. With several chunks
     (``chunk_size`` smaller than the batch) each product walks the chunks, so memory
     holds one chunk's graph at a time. The model is used in its current mode; wrap
     the calls in :func:`solve_mode` (the estimators here do).
@@ -177,6 +182,8 @@ class HessianOperator:
         try:
             self._split_product, self._bound, gradient = cached_split_product(
                 self.model, self.names, self.loss_fn, len(targets) / self.batch_size, self.params, inputs, targets)
+        except ParametersReadDirectly:
+            raise  # the plain product would drop the same term
         except Exception as error:  # the plain product remains, and it reports its own errors
             self._split_unavailable = True
             reason = f"{type(error).__name__}: {error}".splitlines()[0]
@@ -189,10 +196,10 @@ class HessianOperator:
     def _forward_over_reverse(self, tangents: list[torch.Tensor]) -> torch.Tensor:
         if self._bind_split():
             return self._flat(self._split_product.product(self._bound, tangents))
-        from torch.func import functional_call, grad, jvp
+        from torch.func import grad, jvp
 
         def chunk_loss(params: tuple[torch.Tensor, ...], inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            outputs = functional_call(self.model, dict(zip(self.names, params)), (inputs,))
+            outputs = call_with(self.model, dict(zip(self.names, params)), inputs)
             return self.loss_fn(outputs, targets) * (len(targets) / self.batch_size)
 
         primals = tuple(p.detach() for p in self.params)
@@ -227,6 +234,13 @@ class HessianOperator:
         if not results:
             raise HessianUnsupportedError(" / ".join(f"{m}: {e}" for m, e in errors.items()))
         self.method = min(results, key=lambda m: results[m][0])
+        if len(results) == 2:
+            forward, reverse = results["forward_over_reverse"][1], results["double_backward"][1]
+            difference = ((forward - reverse).norm() / reverse.norm().clamp_min(1e-30)).item()
+            if not difference <= 1e-3:
+                # Double backward differentiates the loss as written; keep it.
+                self.method = "double_backward"
+                errors["forward_over_reverse"] = f"its product differed from double backward's by {difference:.2e}"
         if errors:
             self.fallback_reason = "; ".join(f"{m} failed ({e})" for m, e in errors.items())
             log.warning("Hessian-vector products use %s because %s", self.method, self.fallback_reason)
@@ -242,6 +256,8 @@ class HessianOperator:
             return self._choose(tangents)
         try:
             return self._run(self.method, tangents)
+        except ParametersReadDirectly as error:
+            raise HessianUnsupportedError(str(error)) from error
         except (RuntimeError, NotImplementedError) as error:
             raise HessianUnsupportedError(describe_unsupported(self.model, self.chunks[0][0], self.method, error)) from error
 

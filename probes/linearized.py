@@ -15,10 +15,17 @@ For a network of convolutions, a forward+backward costs three convolution passes
 pass (the primal and two tangent terms) and six in the backward pass. The split
 product costs six, the same as a double-backward product with its graph reused.
 
-The trace records the model's Python control flow for the traced batch shape and
-module flags (train/eval, ``track_running_stats``). A trace that reads a tensor's
-value into Python (``.item()``, ``if tensor:``) or draws random numbers is refused,
-because its graph would be valid only for the values seen while tracing.
+The trace records the model's Python control flow for the traced batch shape, and
+every value it reads other than the parameters, buffers and batch, which are inputs of
+the graph. The cache key therefore contains each module's plain attributes (train/eval,
+``track_running_stats``, floats, tensors with their version counter), the loss's
+settings or the code, closure and globals of a loss function, and the autocast state.
+A trace that reads a tensor's value into Python (``.item()``, ``if tensor:``) or
+draws random numbers is rejected, because its graph would be valid only for the
+values seen while tracing. The first trace of each key is checked against the plain
+product.
+NOTE: a read that bypasses aten operations (``tensor.tolist()``, ``.numpy()``) is
+not detected, so a branch on it is frozen at the traced batch's value.
 """
 
 from __future__ import annotations
@@ -39,6 +46,34 @@ class TraceRejected(RuntimeError):
     """Error raised when a traced product would be valid only for the values seen while tracing."""
 
 
+class ParametersReadDirectly(TraceRejected):
+    """Error raised when the loss or the model reads a parameter other than through the
+    substituted parameters (for example an L2 term over ``model.parameters()``).
+
+    No forward-over-reverse product can differentiate such a read, because
+    ``torch.func.functional_call`` substitutes the parameters only inside the model call.
+    """
+
+
+def call_with(model: nn.Module, values: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+    """Return ``model(inputs)`` with the named parameters and buffers replaced by ``values``.
+
+    This is ``torch.func.functional_call`` followed by putting back the parameters and
+    buffers of every module. On a submodule registered under two names (``self.b = self.a``),
+    ``functional_call`` alone leaves plain tensors in place of that module's parameters
+    (torch 2.13), so the optimizer would stop updating them.
+    """
+    from torch.func import functional_call
+
+    saved = [(module, dict(module._parameters), dict(module._buffers)) for module in model.modules()]
+    try:
+        return functional_call(model, values, (inputs,))
+    finally:
+        for module, parameters, buffers in saved:
+            module._parameters.update(parameters)
+            module._buffers.update(buffers)
+
+
 def _packet_name(node: fx.Node) -> str:
     target = node.target
     packet = getattr(target, "overloadpacket", None)
@@ -48,22 +83,21 @@ def _packet_name(node: fx.Node) -> str:
 class SplitProduct:
     """A traced forward-over-reverse product, split into its primal and tangent parts.
 
-    ``bind(params, buffers, inputs, targets)`` runs the primal part. It returns the
+    ``bind(params, state, inputs, targets)`` runs the primal part. It returns the
     values the tangent part reads and the loss gradient, which the primal part computes
     anyway. ``product(bound, tangents)`` returns H·tangents as a tuple shaped like
     ``params``. Built by :func:`split_product`.
     """
 
-    def __init__(self, primal: fx.GraphModule, tangent: fx.GraphModule, loss_fn: LossFn) -> None:
+    def __init__(self, primal: fx.GraphModule, tangent: fx.GraphModule) -> None:
         self.primal = primal
         self.tangent = tangent
-        self.loss_fn = loss_fn  # held so that the ids in the cache key cannot be reused
 
-    def bind(self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor], inputs: torch.Tensor,
+    def bind(self, params: Sequence[torch.Tensor], state: Sequence[torch.Tensor], inputs: torch.Tensor,
              targets: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """Run the primal part; return (the values the tangent part reads, the loss gradient)."""
         with torch.no_grad():
-            values = tuple(self.primal(*params, *buffers, inputs, targets))
+            values = tuple(self.primal(*params, *state, inputs, targets))
         return values[: -len(params)], values[-len(params) :]
 
     def product(self, bound: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -71,39 +105,47 @@ class SplitProduct:
             return tuple(self.tangent(*bound, *tangents))
 
 
-def split_product(model: nn.Module, param_names: Sequence[str], buffer_names: Sequence[str], loss_fn: LossFn,
-                  weight: float, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor],
+def split_product(model: nn.Module, param_names: Sequence[str], state_names: Sequence[str], loss_fn: LossFn,
+                  weight: float, params: Sequence[torch.Tensor], state: Sequence[torch.Tensor],
                   inputs: torch.Tensor, targets: torch.Tensor) -> SplitProduct:
     """Trace v ↦ ∇²(weight·loss_fn(model(inputs), targets))·v and split it (see the module docstring).
 
-    Raises :class:`TraceRejected` when the trace depends on tensor values or random
-    numbers; other tracing failures propagate as they are.
+    ``state`` contains the model's other parameters and its buffers, named by
+    ``state_names``. They are inputs of the graph, like ``params``, so later values
+    reach it. The plain ``torch.func`` product runs once first: an error there
+    propagates before tracing, because some operations that fail in it crash the
+    process when traced (``mse_loss`` in torch 2.13). The traced product must then
+    match it. Raises :class:`TraceRejected` when the trace depends on tensor values or
+    random numbers, or does not match.
     """
-    from torch.func import functional_call, grad, jvp
+    from torch.func import grad, jvp
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    n, m = len(params), len(buffers)
+    n, m = len(params), len(state)
 
     def hvp(*flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        primals, state = flat[:n], flat[n : n + m]
+        primals, fixed_values = flat[:n], flat[n : n + m]
         batch_inputs, batch_targets, tangents = flat[n + m], flat[n + m + 1], flat[n + m + 2 :]
-        fixed = dict(zip(buffer_names, state))
+        fixed = dict(zip(state_names, fixed_values))
 
         def loss(values: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            outputs = functional_call(model, {**fixed, **dict(zip(param_names, values))}, (batch_inputs,))
+            outputs = call_with(model, {**fixed, **dict(zip(param_names, values))}, batch_inputs)
             return loss_fn(outputs, batch_targets) * weight
 
         gradient, product = jvp(grad(loss), (tuple(primals),), (tuple(tangents),))
         return (*gradient, *product)
 
     detached = [p.detach() for p in params]
-    probe_tangents = [torch.zeros_like(p) for p in detached]
+    fixed_values = [t.detach() for t in state]
+    generator = torch.Generator().manual_seed(0)
+    check_tangents = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in detached]
+    expected = hvp(*detached, *fixed_values, inputs, targets, *check_tangents)[n:]
     try:
-        graph_module = make_fx(hvp)(*detached, *[b.detach() for b in buffers], inputs, targets, *probe_tangents)
+        graph_module = make_fx(hvp)(*detached, *fixed_values, inputs, targets, *check_tangents)
     except RuntimeError as error:
         if "_local_scalar_dense" in str(error) or "data-dependent" in str(error):
             raise TraceRejected("the model reads a tensor value into Python (data-dependent control flow), "
-                               "so a traced graph would hold only for the values seen while tracing") from error
+                                "so a traced graph would hold only for the values seen while tracing") from error
         raise
     for node in graph_module.graph.nodes:
         if node.op != "call_function":
@@ -112,11 +154,35 @@ def split_product(model: nn.Module, param_names: Sequence[str], buffer_names: Se
         tags = getattr(node.target, "tags", ())
         if name in _VALUE_DEPENDENT:
             raise TraceRejected(f"the model reads a tensor value into Python ({name}), so a traced graph "
-                               "would hold only for the values seen while tracing")
+                                "would hold only for the values seen while tracing")
         if torch.Tag.nondeterministic_seeded in tags:
             raise TraceRejected(f"the model draws random numbers ({name}) during the solve")
+    _check_no_parameter_constants(graph_module, model)
     primal, tangent = _split(graph_module, tangent_start=n + m + 2, primal_outputs=n)
-    return SplitProduct(primal, tangent, loss_fn)
+    split = SplitProduct(primal, tangent)
+    bound, _ = split.bind(detached, fixed_values, inputs, targets)
+    found = split.product(bound, check_tangents)
+    scale = max(max(t.abs().max().item() for t in expected), 1e-30)
+    mismatch = max((a - b).abs().max().item() for a, b in zip(found, expected)) / scale
+    if not mismatch <= 1e-4:
+        raise TraceRejected(f"the traced product differs from the plain product by {mismatch:.2e} (relative)")
+    return split
+
+
+def _check_no_parameter_constants(graph_module: fx.GraphModule, model: nn.Module) -> None:
+    """Raise :class:`ParametersReadDirectly` if the trace froze a parameter as a constant."""
+    storages = {p.untyped_storage().data_ptr(): name for name, p in model.named_parameters() if p.numel() > 0}
+    for node in graph_module.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        constant = getattr(graph_module, node.target, None)
+        if isinstance(constant, torch.Tensor) and constant.numel() > 0:
+            name = storages.get(constant.untyped_storage().data_ptr())
+            if name is not None:
+                raise ParametersReadDirectly(
+                    f"the loss or the model reads parameter {name!r} outside the model call (for example an "
+                    "L2 term over model.parameters()), which forward-over-reverse products cannot "
+                    "differentiate; use hvp_method='double_backward' or add the term to the model's output")
 
 
 def _mutates(node: fx.Node) -> bool:
@@ -207,40 +273,101 @@ def _split(graph_module: fx.GraphModule, tangent_start: int,
 
 # Split products per model and signature, kept as long as the model lives. Beyond
 # CACHE_SIZE signatures (for example after changes of batch shape) the oldest is dropped.
+# An entry holds weak references to the objects its key names by identity, so it keeps
+# nothing alive, and it is stale once one of them is gone.
 CACHE_SIZE = 4
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, SplitProduct | TraceRejected]]" = weakref.WeakKeyDictionary()
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple]]" = weakref.WeakKeyDictionary()
+_SIMPLE = (bool, int, float, complex, str, bytes, type(None))
+
+
+class _Fingerprint:
+    """Key parts for the values a trace may have frozen, and the objects named by identity."""
+
+    def __init__(self) -> None:
+        self.referents: list[object] = []
+
+    def identity(self, obj: object) -> tuple:
+        self.referents.append(obj)
+        return ("id", id(obj))
+
+    def value(self, obj: object, depth: int = 0) -> tuple:
+        """Return a key for a value read by the model or the loss."""
+        if isinstance(obj, _SIMPLE):
+            return ("value", type(obj), obj)
+        if isinstance(obj, torch.Tensor):
+            # The version counter changes with every in-place write.
+            return ("tensor", *self.identity(obj), obj._version, *_tensor_key(obj))
+        if isinstance(obj, (list, tuple)) and depth < 2:
+            return (type(obj), tuple(self.value(item, depth + 1) for item in obj))
+        if isinstance(obj, (set, frozenset)) and all(isinstance(item, _SIMPLE) for item in obj):
+            return ("set", tuple(sorted(obj, key=repr)))
+        if isinstance(obj, torch.dtype | torch.device):
+            return ("value", str(obj))
+        return self.identity(obj)
+
+    def attributes(self, obj: object) -> tuple:
+        """Return a key for an object's attributes that are not parameters, buffers or submodules."""
+        return tuple(sorted(
+            ((name, self.value(value)) for name, value in vars(obj).items()
+             if name not in ("_parameters", "_buffers", "_modules") and not callable(value)
+             and not isinstance(value, dict)),
+            key=lambda item: item[0],
+        ))
+
+    def loss(self, loss_fn: LossFn) -> tuple:
+        """Return a key for a loss, so that an equal fresh one (``nn.CrossEntropyLoss()`` per call) reuses the trace.
+
+        A function is keyed by its code, defaults, closure and the globals its code names.
+        NOTE: values that the functions it calls read are not part of the key, so a
+        change there is not seen by a cached trace.
+        """
+        if isinstance(loss_fn, nn.Module):
+            tensors = tuple((name, self.value(t)) for name, t in [*loss_fn.named_parameters(), *loss_fn.named_buffers()])
+            return (type(loss_fn), self.attributes(loss_fn), tensors)
+        function = getattr(loss_fn, "__func__", loss_fn)
+        owner = getattr(loss_fn, "__self__", None)
+        code = getattr(function, "__code__", None)
+        if code is None:  # a callable object or a builtin
+            return ("callable", type(loss_fn), self.attributes(loss_fn) if hasattr(loss_fn, "__dict__") else (),
+                    self.identity(loss_fn))
+        closure = tuple(self.value(cell.cell_contents) for cell in function.__closure__ or ())
+        defaults = self.value(function.__defaults__ or ())
+        namespace = getattr(function, "__globals__", {})
+        global_values = tuple((name, self.value(namespace[name])) for name in code.co_names if name in namespace)
+        return ("function", self.identity(code), closure, defaults, global_values,
+                self.identity(owner) if owner is not None else None)
 
 
 def _tensor_key(tensor: torch.Tensor) -> tuple:
     return tuple(tensor.shape), tensor.dtype, tensor.device, tensor.requires_grad
 
 
-def _loss_key(loss_fn: LossFn) -> tuple:
-    """Return a key for a loss: its settings for a module, so that a fresh
-    ``nn.CrossEntropyLoss()`` per call reuses the trace, and its identity for a function."""
-    if not isinstance(loss_fn, nn.Module):
-        return ("function", id(loss_fn))
-    settings = tuple(sorted(
-        (name, value) for name, value in vars(loss_fn).items()
-        if not name.startswith("_") and isinstance(value, (bool, int, float, str, type(None)))
-    ))
-    tensors = tuple((name, id(tensor)) for name, tensor in [*loss_fn.named_parameters(), *loss_fn.named_buffers()])
-    return (type(loss_fn), settings, tensors)
-
-
-def signature(model: nn.Module, param_names: Sequence[str], buffer_names: Sequence[str], loss_fn: LossFn,
-              weight: float, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor],
-              inputs: torch.Tensor, targets: torch.Tensor) -> tuple:
-    """Return everything a trace depends on apart from tensor values."""
-    flags = tuple(
-        (name, module.training, getattr(module, "track_running_stats", None))
-        for name, module in model.named_modules()
-    )
-    return (
-        tuple(param_names), tuple(buffer_names), _loss_key(loss_fn), weight, flags,
-        tuple(_tensor_key(p) for p in params), tuple(_tensor_key(b) for b in buffers),
+def signature(model: nn.Module, param_names: Sequence[str], state_names: Sequence[str], loss_fn: LossFn,
+              weight: float, params: Sequence[torch.Tensor], state: Sequence[torch.Tensor],
+              inputs: torch.Tensor, targets: torch.Tensor) -> tuple[tuple, list[object]]:
+    """Return everything a trace depends on apart from parameter, buffer and batch values,
+    and the objects the key names by identity."""
+    fingerprint = _Fingerprint()
+    modules = tuple((name, type(module), fingerprint.attributes(module)) for name, module in model.named_modules())
+    device_type = inputs.device.type
+    autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+    key = (
+        tuple(param_names), tuple(state_names), fingerprint.loss(loss_fn), weight, modules, autocast,
+        tuple(_tensor_key(p) for p in params), tuple(_tensor_key(t) for t in state),
         _tensor_key(inputs), _tensor_key(targets),
     )
+    return key, fingerprint.referents
+
+
+def _references(referents: list[object]) -> list:
+    """Return weak references where an object allows them, else the object itself."""
+    references = []
+    for obj in referents:
+        try:
+            references.append(weakref.ref(obj))
+        except TypeError:  # for example a list or a dict
+            references.append(lambda obj=obj: obj)
+    return references
 
 
 def cached_split_product(model: nn.Module, param_names: Sequence[str], loss_fn: LossFn, weight: float,
@@ -252,21 +379,30 @@ def cached_split_product(model: nn.Module, param_names: Sequence[str], loss_fn: 
     A rejected trace is remembered too, so that it is not traced again. It raises
     :class:`TraceRejected` each time.
     """
-    named_buffers = [(name, b) for name, b in model.named_buffers()]
-    buffer_names = [name for name, _ in named_buffers]
-    buffers = [b for _, b in named_buffers]
-    key = signature(model, param_names, buffer_names, loss_fn, weight, params, buffers, inputs, targets)
+    selected = {id(p) for p in params}
+    # Every other parameter (frozen ones too) and every buffer is an input of the graph.
+    named_state = [(name, p) for name, p in model.named_parameters() if id(p) not in selected]
+    named_state += list(model.named_buffers())
+    state_names = [name for name, _ in named_state]
+    state = [t for _, t in named_state]
+    key, referents = signature(model, param_names, state_names, loss_fn, weight, params, state, inputs, targets)
     per_model = _CACHE.setdefault(model, {})
     entry = per_model.get(key)
+    if entry is not None and any(reference() is not obj for reference, obj in zip(entry[1], referents)):
+        entry = None  # an object named by identity was freed and its id reused
     if entry is None:
         try:
-            entry = split_product(model, param_names, buffer_names, loss_fn, weight, params, buffers, inputs, targets)
+            split = split_product(model, param_names, state_names, loss_fn, weight, params, state, inputs, targets)
         except TraceRejected as rejection:
-            entry = rejection
+            # Kept without its traceback, whose frames would keep the model alive.
+            split = (type(rejection), str(rejection))
+        per_model.pop(key, None)
         if len(per_model) >= CACHE_SIZE:
             del per_model[next(iter(per_model))]
-        per_model[key] = entry
-    if isinstance(entry, TraceRejected):
-        raise TraceRejected(str(entry))
-    bound, gradient = entry.bind([p.detach() for p in params], [b.detach() for b in buffers], inputs, targets)
-    return entry, bound, gradient
+        entry = per_model[key] = (split, _references(referents))
+    split = entry[0]
+    if isinstance(split, tuple):
+        rejection_type, message = split
+        raise rejection_type(message)
+    bound, gradient = split.bind([p.detach() for p in params], [t.detach() for t in state], inputs, targets)
+    return split, bound, gradient
