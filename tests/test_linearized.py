@@ -1,6 +1,9 @@
 """Forward-over-reverse products with the primal pass done once per solve (probes.linearized)."""
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import probes.linearized as linearized
-from probes import HessianOperator
+from probes import HessianOperator, HessianUnsupportedError
 from probes.hessian import solve_mode
 from test_sharpness_engine import BatchNormCNN
 
@@ -129,3 +132,171 @@ def test_identity_copies_bypassed():
     assert len(remaining) == 2
     for found, value in zip(graph_module(x), expected):
         torch.testing.assert_close(found, value)
+
+
+class Scaled(nn.Module):
+    """An MLP with a frozen output scale, a float attribute and a plain tensor attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        self.scale = nn.Parameter(torch.ones(3), requires_grad=False)
+        self.power = 1.0
+        self.shift = torch.zeros(3)
+
+    def forward(self, x):
+        return (self.body(x) * self.scale + self.shift) ** self.power
+
+
+class Focal(nn.Module):
+    def __init__(self, gamma):
+        super().__init__()
+        self._gamma = gamma
+
+    def forward(self, outputs, targets):
+        log_p = nn.functional.log_softmax(outputs, dim=1).gather(1, targets[:, None]).squeeze(1)
+        return (-(1 - log_p.exp()) ** self._gamma * log_p).mean()
+
+
+SMOOTHING = 0.0
+
+
+def smoothed(outputs, targets):
+    return nn.functional.cross_entropy(outputs, targets, label_smoothing=SMOOTHING)
+
+
+def _change_frozen(model, _):
+    model.scale = nn.Parameter(torch.full((3,), 3.0), requires_grad=False)
+
+
+def _change_float(model, _):
+    model.power = 2.0
+
+
+def _change_tensor_attribute(model, _):
+    model.shift = torch.tensor([0.5, -1.0, 2.0])  # not uniform: cross-entropy ignores a uniform shift
+
+
+def _change_global(model, _):
+    global SMOOTHING
+    SMOOTHING = 0.3
+
+
+@pytest.mark.parametrize("change, loss_fn, changed_loss", [
+    (_change_frozen, smoothed, None),
+    (_change_float, smoothed, None),
+    (_change_tensor_attribute, smoothed, None),
+    (_change_global, smoothed, None),
+    (None, Focal(0.0), Focal(3.0)),
+])
+def test_cached_split_sees_changed_values(change, loss_fn, changed_loss, monkeypatch):
+    """Values outside the parameters and buffers that a trace would freeze are part of the cache
+    key: a frozen parameter replaced, a float or tensor attribute, a global a loss reads, and a
+    fresh loss with a different private setting. Each solve after a change matches double backward."""
+    monkeypatch.setitem(globals(), "SMOOTHING", 0.0)
+    torch.manual_seed(0)
+    model, inputs, targets = Scaled(), torch.randn(12, 4), torch.randint(0, 3, (12,))
+    vector = torch.randn(sum(p.numel() for p in model.parameters() if p.requires_grad), dtype=torch.float64)
+    for current in (loss_fn, changed_loss or loss_fn):
+        split = HessianOperator(model, current, inputs, targets, method="forward_over_reverse")(vector)
+        reference = HessianOperator(model, current, inputs, targets, method="double_backward")(vector)
+        torch.testing.assert_close(split, reference, rtol=1e-4, atol=1e-5)
+        if change is not None:
+            change(model, current)
+
+
+def test_trace_under_autocast_not_reused_outside():
+    model, inputs, targets = _problem()
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss()
+    vector = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        HessianOperator(model, loss_fn, inputs, targets, method="forward_over_reverse")(vector)
+    split = HessianOperator(model, loss_fn, inputs, targets, method="forward_over_reverse")(vector)
+    reference = HessianOperator(model, loss_fn, inputs, targets, method="double_backward")(vector)
+    torch.testing.assert_close(split, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_cache_keeps_no_model_alive():
+    """A loss that closes over the model, and a rejected trace, must not keep the model alive
+    (the cache once held the loss and the rejection's traceback)."""
+    import gc
+    import weakref
+
+    def run(model_class):
+        model, inputs, targets = _problem(model_class)
+        model.eval()
+
+        def loss_fn(outputs, labels):
+            return nn.functional.cross_entropy(outputs, labels) * (1.0 if model.training else 1.0)
+
+        operator = HessianOperator(model, loss_fn, inputs, targets, method="forward_over_reverse")
+        operator(torch.randn(operator.dim, dtype=torch.float64))
+        return weakref.ref(model)
+
+    references = [run(BatchNormCNN), run(BranchOnValue)]
+    gc.collect()
+    assert [reference() for reference in references] == [None, None]
+
+
+def test_loss_reading_parameters_is_rejected():
+    """An L2 term over model.parameters() in the loss is outside what forward-over-reverse can
+    differentiate: the path raises naming the parameter, and auto keeps double backward."""
+    model, inputs, targets = _problem()
+    model.eval()
+
+    def loss_fn(outputs, labels):
+        return nn.functional.cross_entropy(outputs, labels) + 0.1 * sum(p.square().sum() for p in model.parameters())
+
+    vector = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    with pytest.raises(HessianUnsupportedError, match="reads parameter 'conv.weight'"):
+        HessianOperator(model, loss_fn, inputs, targets, method="forward_over_reverse")(vector)
+    operator = HessianOperator(model, loss_fn, inputs, targets, method="auto")
+    product = operator(vector)
+    assert operator.method == "double_backward"
+    reference = HessianOperator(model, loss_fn, inputs, targets, method="double_backward")(vector)
+    torch.testing.assert_close(product, reference)
+
+
+def test_mse_loss_falls_back_without_crashing():
+    """Tracing the product of nn.MSELoss crashes torch 2.13 with a segmentation fault; the plain
+    product runs first and fails cleanly, so auto keeps double backward (in a subprocess)."""
+    script = (
+        "import torch\nfrom torch import nn\nfrom probes import top_eigenvalue\n"
+        "torch.manual_seed(0)\n"
+        "model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))\n"
+        "estimate = top_eigenvalue(model, nn.MSELoss(), torch.randn(16, 5), torch.randn(16, 3), warn=False)\n"
+        "print(estimate.method)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("lanczos/double_backward")
+
+
+class SharedSubmodule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+        self.again = self.first  # one submodule under two names
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.again(torch.tanh(self.first(x)))))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_shared_submodule_keeps_its_parameters(chunk_size):
+    """functional_call alone left plain tensors in place of a twice-registered submodule's
+    parameters, so they dropped out of training; both forward-over-reverse paths put them back."""
+    torch.manual_seed(0)
+    model, inputs, targets = SharedSubmodule(), torch.randn(8, 5), torch.randint(0, 3, (8,))
+    parameters = list(model.parameters())
+    loss_fn = nn.CrossEntropyLoss()
+    vector = torch.randn(sum(p.numel() for p in parameters), dtype=torch.float64)
+    product = HessianOperator(model, loss_fn, inputs, targets, chunk_size=chunk_size,
+                              method="forward_over_reverse")(vector)
+    reference = HessianOperator(model, loss_fn, inputs, targets, method="double_backward")(vector)
+    torch.testing.assert_close(product, reference, rtol=1e-4, atol=1e-5)
+    assert model.first.weight is parameters[0]
+    assert isinstance(model.first.weight, nn.Parameter)
