@@ -250,7 +250,7 @@ def _status_kib(field: str) -> int:
 MEMORY_CASES = ("double_backward", "forward_over_reverse", "pyhessian")
 
 
-def memory_child(which: str, data_root: str | None) -> None:
+def memory_child(case: str, data_root: str | None) -> None:
     """Print peak RSS growth (KiB) during one 30-product solve, run in a fresh process (Linux).
 
     An untimed solve first traces the forward-over-reverse split, as happens once per
@@ -258,24 +258,24 @@ def memory_child(which: str, data_root: str | None) -> None:
     """
     model, loss_fn, inputs, targets, _, _ = make_problem(data_root)
     model.eval()
-    if which == "forward_over_reverse":
-        ours_trace(model, loss_fn, inputs, targets, which, max_iter=1)
+    if case == "forward_over_reverse":
+        ours_trace(model, loss_fn, inputs, targets, case, max_iter=1)
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     before = _status_kib("VmRSS")
-    if which == "pyhessian":
+    if case == "pyhessian":
         pyhessian_trace(model, loss_fn, inputs, targets, max_iter=30)
     else:
-        ours_trace(model, loss_fn, inputs, targets, which, max_iter=30)
+        ours_trace(model, loss_fn, inputs, targets, case, max_iter=30)
     print(_status_kib("VmHWM") - before)
 
 
 def memory_growth(data_root: str | None) -> dict[str, int]:
     growth = {}
-    for which in MEMORY_CASES:
-        command = [sys.executable, __file__, "--memory-child", which] + (["--data-root", data_root] if data_root else [])
+    for case in MEMORY_CASES:
+        command = [sys.executable, __file__, "--memory-child", case] + (["--data-root", data_root] if data_root else [])
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        growth[which] = int(output)
+        growth[case] = int(output)
     return growth
 
 

@@ -84,7 +84,8 @@ class HessianOperator:
 
     ``auto`` times one product of each on the first call and keeps the faster path
     that works; a path that fails is logged with its reason. When both work but
-    their products differ by more than 1e-3 (relative), it keeps double backward. With several chunks
+    their products differ by more than 1e-3 (relative), it keeps double backward. The
+    other path's cached graph or bound values are then dropped. With several chunks
     (``chunk_size`` smaller than the batch) each product walks the chunks, so memory
     holds one chunk's graph at a time. The model is used in its current mode; wrap
     the calls in :func:`solve_mode` (the estimators here do).
@@ -136,8 +137,7 @@ class HessianOperator:
         self._split_product: SplitProduct | None = None
         self._bound: tuple[torch.Tensor, ...] = ()
         self._split_gradient: torch.Tensor | None = None
-        self._split_unavailable = False
-        self.split_fallback_reason = ""
+        self.split_fallback_reason = ""  # set when the split cannot be used
 
     # -- the two paths ---------------------------------------------------------------
 
@@ -176,7 +176,7 @@ class HessianOperator:
         """Bind the split product, tracing it on first use per model signature; return False if unusable."""
         if self._split_product is not None:
             return True
-        if len(self.chunks) > 1 or self._split_unavailable:
+        if len(self.chunks) > 1 or self.split_fallback_reason:
             return False
         inputs, targets = self.chunks[0]
         try:
@@ -185,10 +185,9 @@ class HessianOperator:
         except ParametersReadDirectly:
             raise  # the plain product would drop the same term
         except Exception as error:  # the plain product remains, and it reports its own errors
-            self._split_unavailable = True
-            reason = f"{type(error).__name__}: {error}".splitlines()[0]
-            log.info("forward-over-reverse products recompute the primal pass at every product: %s", reason)
-            self.split_fallback_reason = reason
+            self.split_fallback_reason = f"{type(error).__name__}: {error}".splitlines()[0]
+            log.info("forward-over-reverse products recompute the primal pass at every product: %s",
+                     self.split_fallback_reason)
             return False
         self._split_gradient = self._flat(gradient)
         return True
@@ -241,6 +240,11 @@ class HessianOperator:
                 # Double backward differentiates the loss as written; keep it.
                 self.method = "double_backward"
                 errors["forward_over_reverse"] = f"its product differed from double backward's by {difference:.2e}"
+        # Keep only the chosen path's cached state in memory.
+        if self.method == "double_backward":
+            self._split_product, self._bound, self._split_gradient = None, (), None
+        else:
+            self._grads = None
         if errors:
             self.fallback_reason = "; ".join(f"{m} failed ({e})" for m, e in errors.items())
             log.warning("Hessian-vector products use %s because %s", self.method, self.fallback_reason)

@@ -259,8 +259,8 @@ def test_loss_reading_parameters_is_rejected():
 
 
 def test_mse_loss_falls_back_without_crashing():
-    """Tracing the product of nn.MSELoss crashes torch 2.13 with a segmentation fault; the plain
-    product runs first and fails cleanly, so auto keeps double backward (in a subprocess)."""
+    """Tracing the product of nn.MSELoss crashes torch 2.13 with a segmentation fault. The plain
+    product runs first and fails cleanly, so auto keeps double backward. A subprocess contains a crash."""
     script = (
         "import torch\nfrom torch import nn\nfrom probes import top_eigenvalue\n"
         "torch.manual_seed(0)\n"
