@@ -172,16 +172,21 @@ class HessianOperator:
             total = part if total is None else total + part
         return total
 
-    def _bind_split(self) -> bool:
-        """Bind the split product, tracing it on first use per model signature; return False if unusable."""
-        if self._split_product is not None:
+    def _bind_split(self, with_gradient: bool = False) -> bool:
+        """Bind the split product, tracing it on first use per model signature; return False if unusable.
+
+        Products alone need only the lean primal part. With ``with_gradient`` the full
+        one runs, once, and its gradient is kept.
+        """
+        if self._split_product is not None and (not with_gradient or self._split_gradient is not None):
             return True
         if len(self.chunks) > 1 or self.split_fallback_reason:
             return False
         inputs, targets = self.chunks[0]
         try:
             self._split_product, self._bound, gradient = cached_split_product(
-                self.model, self.names, self.loss_fn, len(targets) / self.batch_size, self.params, inputs, targets)
+                self.model, self.names, self.loss_fn, len(targets) / self.batch_size, self.params, inputs, targets,
+                with_gradient)
         except ParametersReadDirectly:
             raise  # the plain product would drop the same term
         except Exception as error:  # the plain product remains, and it reports its own errors
@@ -189,7 +194,8 @@ class HessianOperator:
             log.info("forward-over-reverse products recompute the primal pass at every product: %s",
                      self.split_fallback_reason)
             return False
-        self._split_gradient = self._flat(gradient)
+        if gradient is not None:
+            self._split_gradient = self._flat(gradient)
         return True
 
     def _forward_over_reverse(self, tangents: list[torch.Tensor]) -> torch.Tensor:
@@ -274,7 +280,7 @@ class HessianOperator:
         return all_reduce_sum(self._local_gradient(), self.group)
 
     def _local_gradient(self) -> torch.Tensor:
-        if self.method == "forward_over_reverse" and self._bind_split():
+        if self.method == "forward_over_reverse" and self._bind_split(with_gradient=True):
             return self._split_gradient
         if len(self.chunks) == 1 and self.method in ("auto", "double_backward"):
             try:

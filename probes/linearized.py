@@ -30,6 +30,7 @@ not detected, so a branch on it is frozen at the traced batch's value.
 
 from __future__ import annotations
 
+import operator
 import weakref
 from typing import Callable, Sequence
 
@@ -84,19 +85,31 @@ class SplitProduct:
     """A traced forward-over-reverse product, split into its primal and tangent parts.
 
     ``bind(params, state, inputs, targets)`` runs the primal part. It returns the
-    values the tangent part reads and the loss gradient, which the primal part computes
-    anyway. ``product(bound, tangents)`` returns H·tangents as a tuple shaped like
-    ``params``. Built by :func:`split_product`.
+    values the tangent part reads and the loss gradient. ``product(bound, tangents)``
+    returns H·tangents as a tuple shaped like ``params``. Built by :func:`split_product`.
+
+    The primal part exists in two versions. ``primal`` also returns the loss gradient,
+    which a cold start uses as its start vector. ``primal_lean`` leaves out the
+    parameter gradients, which the tangent part does not read: a convolution's
+    backward then computes only its input gradient, one convolution pass instead of two.
+    A warm-started solve needs only this version.
     """
 
-    def __init__(self, primal: fx.GraphModule, tangent: fx.GraphModule) -> None:
+    def __init__(self, primal: fx.GraphModule, primal_lean: fx.GraphModule, tangent: fx.GraphModule) -> None:
         self.primal = primal
+        self.primal_lean = primal_lean
         self.tangent = tangent
 
     def bind(self, params: Sequence[torch.Tensor], state: Sequence[torch.Tensor], inputs: torch.Tensor,
-             targets: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """Run the primal part; return (the values the tangent part reads, the loss gradient)."""
+             targets: torch.Tensor, with_gradient: bool = True
+             ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
+        """Run the primal part; return (the values the tangent part reads, the loss gradient or None).
+
+        With ``with_gradient=False`` the lean version runs and the gradient is None.
+        """
         with torch.no_grad():
+            if not with_gradient:
+                return tuple(self.primal_lean(*params, *state, inputs, targets)), None
             values = tuple(self.primal(*params, *state, inputs, targets))
         return values[: -len(params)], values[-len(params) :]
 
@@ -158,14 +171,14 @@ def split_product(model: nn.Module, param_names: Sequence[str], state_names: Seq
         if torch.Tag.nondeterministic_seeded in tags:
             raise TraceRejected(f"the model draws random numbers ({name}) during the solve")
     _check_no_parameter_constants(graph_module, model)
-    primal, tangent = _split(graph_module, tangent_start=n + m + 2, primal_outputs=n)
-    split = SplitProduct(primal, tangent)
-    bound, _ = split.bind(detached, fixed_values, inputs, targets)
-    found = split.product(bound, check_tangents)
+    split = SplitProduct(*_split(graph_module, tangent_start=n + m + 2, primal_outputs=n))
     scale = max(max(t.abs().max().item() for t in expected), 1e-30)
-    mismatch = max((a - b).abs().max().item() for a, b in zip(found, expected)) / scale
-    if not mismatch <= 1e-4:
-        raise TraceRejected(f"the traced product differs from the plain product by {mismatch:.2e} (relative)")
+    for with_gradient in (True, False):
+        bound, _ = split.bind(detached, fixed_values, inputs, targets, with_gradient)
+        found = split.product(bound, check_tangents)
+        mismatch = max((a - b).abs().max().item() for a, b in zip(found, expected)) / scale
+        if not mismatch <= 1e-4:
+            raise TraceRejected(f"the traced product differs from the plain product by {mismatch:.2e} (relative)")
     return split
 
 
@@ -221,12 +234,47 @@ def _drop_identity_copies(graph: fx.Graph) -> int:
     return dropped
 
 
+def _prune_output_masks(graph: fx.Graph) -> int:
+    """Switch off the outputs of multi-output operations that no node reads; return how many changed.
+
+    Backward operations such as ``convolution_backward`` and
+    ``native_batch_norm_backward`` take an ``output_mask`` and compute only the
+    gradients it selects. The trace records the mask of the full backward pass, so
+    after the parameter gradients are dropped from a graph's outputs, a convolution
+    would still compute its weight gradient and throw it away.
+    """
+    changed = 0
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None:
+            continue
+        names = [argument.name for argument in schema.arguments]
+        if "output_mask" not in names:
+            continue
+        index = names.index("output_mask")
+        in_args = index < len(node.args)
+        mask = list(node.args[index] if in_args else node.kwargs["output_mask"])
+        if any(user.target is not operator.getitem for user in node.users):
+            continue  # the tuple itself is read; keep every output
+        read = {user.args[1] for user in node.users if user.users}  # a getitem without users is dead
+        pruned = [bool(selected) and position in read for position, selected in enumerate(mask)]
+        if pruned == mask:
+            continue
+        if in_args:
+            node.args = (*node.args[:index], pruned, *node.args[index + 1 :])
+        else:
+            node.kwargs = {**node.kwargs, "output_mask": pruned}
+        changed += 1
+    return changed
+
+
 def _split(graph_module: fx.GraphModule, tangent_start: int,
-           primal_outputs: int) -> tuple[fx.GraphModule, fx.GraphModule]:
+           primal_outputs: int) -> tuple[fx.GraphModule, fx.GraphModule, fx.GraphModule]:
     """Split a traced graph into the nodes that depend on the tangent placeholders and the rest.
 
     The first ``primal_outputs`` outputs do not depend on the tangents, so the primal
-    part returns them after the boundary values. The tangent part returns the others.
+    part returns them after the boundary values. Returns (primal part, primal part
+    without those outputs, tangent part); the tangent part returns the other outputs.
     """
     graph = graph_module.graph
     _drop_identity_copies(graph)
@@ -254,8 +302,18 @@ def _split(graph_module: fx.GraphModule, tangent_start: int,
         if node in depends or node.op == "output":
             continue
         primal_env[node] = primal_graph.node_copy(node, lambda arg: primal_env[arg])
-    primal_graph.output(tuple(primal_env[node] for node in [*boundary, *primal_results]))
+    boundary_values = tuple(primal_env[node] for node in boundary)
+    primal_graph.output(boundary_values + tuple(primal_env[node] for node in primal_results))
     primal_graph.eliminate_dead_code()
+    primal_module = fx.GraphModule(graph_module, primal_graph)
+
+    lean_graph = fx.Graph()
+    lean_env: dict[fx.Node, fx.Node] = {}
+    lean_graph.graph_copy(primal_graph, lean_env)  # every node but the output
+    lean_graph.output(tuple(lean_env[node] for node in boundary_values))
+    lean_graph.eliminate_dead_code()
+    _prune_output_masks(lean_graph)
+    lean_graph.eliminate_dead_code()
 
     tangent_graph = fx.Graph()
     tangent_env: dict[fx.Node, fx.Node] = {}
@@ -268,7 +326,8 @@ def _split(graph_module: fx.GraphModule, tangent_start: int,
             tangent_env[node] = tangent_graph.node_copy(node, lambda arg: tangent_env[arg])
     tangent_graph.output(tuple(tangent_env[node] for node in tangent_results))
     tangent_graph.eliminate_dead_code()
-    return fx.GraphModule(graph_module, primal_graph), fx.GraphModule(graph_module, tangent_graph)
+    _prune_output_masks(tangent_graph)
+    return primal_module, fx.GraphModule(graph_module, lean_graph), fx.GraphModule(graph_module, tangent_graph)
 
 
 # Split products per model and signature, kept as long as the model lives. Beyond
@@ -371,10 +430,11 @@ def _references(referents: list[object]) -> list:
 
 
 def cached_split_product(model: nn.Module, param_names: Sequence[str], loss_fn: LossFn, weight: float,
-                         params: Sequence[torch.Tensor], inputs: torch.Tensor,
-                         targets: torch.Tensor) -> tuple[SplitProduct, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+                         params: Sequence[torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
+                         with_gradient: bool = True,
+                         ) -> tuple[SplitProduct, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
     """Return the split product for this model and signature (traced on first use), the
-    bound values and the loss gradient.
+    bound values and the loss gradient (None with ``with_gradient=False``, see :meth:`SplitProduct.bind`).
 
     A rejected trace is remembered too, so that it is not traced again. It raises
     :class:`TraceRejected` each time.
@@ -404,5 +464,6 @@ def cached_split_product(model: nn.Module, param_names: Sequence[str], loss_fn: 
     if isinstance(split, tuple):
         rejection_type, message = split
         raise rejection_type(message)
-    bound, gradient = split.bind([p.detach() for p in params], [t.detach() for t in state], inputs, targets)
+    detached = [p.detach() for p in params]
+    bound, gradient = split.bind(detached, [t.detach() for t in state], inputs, targets, with_gradient)
     return split, bound, gradient

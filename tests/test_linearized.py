@@ -12,7 +12,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import probes.linearized as linearized
 from probes import HessianOperator, HessianUnsupportedError
-from probes.hessian import solve_mode
+from probes.hessian import solve_mode, top_eigenvalue
 from test_sharpness_engine import BatchNormCNN
 
 
@@ -132,6 +132,94 @@ def test_identity_copies_bypassed():
     assert len(remaining) == 2
     for found, value in zip(graph_module(x), expected):
         torch.testing.assert_close(found, value)
+
+
+class TwoConv(nn.Module):
+    """Two convolutions, so that the second one's backward computes an input gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.second = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.second(torch.relu(self.norm(self.first(x)))))
+        return self.head(nn.functional.avg_pool2d(x, 2).flatten(1))
+
+
+def _convolution_masks(graph_module):
+    """Return the (input, weight) gradient flags of each ``convolution_backward``."""
+    return [tuple(node.args[-1][:2]) for node in graph_module.graph.nodes
+            if linearized._packet_name(node) == "convolution_backward"]
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_lean_primal_skips_parameter_gradients(train_mode):
+    """The lean primal part computes no convolution weight gradient and binds the same values."""
+    model, inputs, targets = _problem(TwoConv)
+    model.train(train_mode)
+    loss_fn = nn.CrossEntropyLoss()
+    names = [name for name, _ in model.named_parameters()]
+    params = list(model.parameters())
+    with solve_mode(model):
+        split, full, gradient = linearized.cached_split_product(model, names, loss_fn, 1.0, params, inputs, targets)
+        _, lean, none = linearized.cached_split_product(model, names, loss_fn, 1.0, params, inputs, targets,
+                                                        with_gradient=False)
+        tangents = [torch.randn_like(p) for p in params]
+        expected, found = split.product(full, tangents), split.product(lean, tangents)
+    assert none is None
+    assert len(gradient) == len(params)
+    # The second convolution's backward computes both gradients in the full part and
+    # only the input gradient in the lean part. (The lean part may still compute a
+    # weight-gradient term that the tangent part reads, as in train mode here.)
+    assert (True, True) in _convolution_masks(split.primal)
+    assert (True, False) in _convolution_masks(split.primal_lean)
+    assert (True, True) not in _convolution_masks(split.primal_lean)
+    assert len(lean) == len(full)
+    for a, b in zip(found, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_warm_start_runs_only_the_lean_primal(monkeypatch):
+    """A solve given a start vector binds without the gradient; one without it binds once, with it."""
+    calls = []
+    original = linearized.SplitProduct.bind
+
+    def recording(self, params, state, inputs, targets, with_gradient=True):
+        calls.append(with_gradient)
+        return original(self, params, state, inputs, targets, with_gradient)
+
+    model, inputs, targets = _problem(TwoConv)
+    loss_fn = nn.CrossEntropyLoss()
+    top_eigenvalue(model, loss_fn, inputs, targets, hvp_method="forward_over_reverse", max_iter=3, warn=False)
+    monkeypatch.setattr(linearized.SplitProduct, "bind", recording)
+    cold = top_eigenvalue(model, loss_fn, inputs, targets, hvp_method="forward_over_reverse", warn=False)
+    assert calls == [True]
+    calls.clear()
+    warm = top_eigenvalue(model, loss_fn, inputs, targets, hvp_method="forward_over_reverse", start=cold.vector,
+                          warn=False)
+    assert calls == [False]
+    assert warm.lambda_max == pytest.approx(cold.lambda_max, rel=1e-3)
+
+
+def test_prune_output_masks_keeps_read_outputs():
+    """Only the outputs that no node reads are switched off, and the graph's result stays the same."""
+    aten = torch.ops.aten
+
+    def function(grad_output, x, weight):
+        parts = aten.convolution_backward(grad_output, x, weight, [0], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                          [True, True, True])
+        return parts[0]
+
+    args = (torch.randn(2, 3, 5, 5), torch.randn(2, 2, 5, 5), torch.randn(3, 2, 3, 3))
+    graph_module = make_fx(function)(*args)
+    assert linearized._prune_output_masks(graph_module.graph) == 1
+    node = next(n for n in graph_module.graph.nodes if linearized._packet_name(n) == "convolution_backward")
+    assert node.args[-1] == [True, False, False]
+    graph_module.recompile()
+    torch.testing.assert_close(graph_module(*args), function(*args))
 
 
 class Scaled(nn.Module):
