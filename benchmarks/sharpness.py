@@ -5,8 +5,10 @@ Prints ratios measured in one run (absolute times on a shared machine mean littl
 - time to reach 1e-3 relative error against a tightly converged reference, for our
   Lanczos from a cold start (per product path, and for the first call of a run, which
   also traces the forward-over-reverse product) and warm-started from the previous
-  eigenvector after a few training steps, each divided by pyhessian's time to the
-  same accuracy;
+  eigenvector, each divided by pyhessian's time to the same accuracy. Warm starts are
+  measured in two kinds of training: full-batch gradient descent on the sharpness
+  batch, solving every step and every ``--gap`` steps, and minibatch SGD with
+  momentum, ``--gap`` steps after the previous solve;
 - time of one Hessian-vector product divided by one forward+backward, per path, and
   the one-time costs: building the double-backward graph, tracing the split
   forward-over-reverse product, and running its primal part once per solve;
@@ -22,6 +24,7 @@ mode pyhessian supports. Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import itertools
 import json
@@ -40,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dynamics.data import TensorLoader, load_cifar10_dataset  # noqa: E402
 from dynamics.models import CifarResNet  # noqa: E402
 from probes.hessian import HessianOperator, lanczos, solve_mode  # noqa: E402
+from probes.linearized import cached_split_product  # noqa: E402
 
 ACCURACY = 1e-3
 # Cold starts compared with pyhessian: (product path, start vector of ours_trace).
@@ -138,6 +142,35 @@ def warm_ratios(model, loss_fn, inputs, targets, optimizer, next_batch, gap: int
     return results
 
 
+def warm_chain(model, loss_fn, inputs, targets, optimizer, next_batch, gap: int, rounds: int) -> dict:
+    """Track λ_max every ``gap`` training steps, each solve warm-started from the previous eigenvector.
+
+    Each round trains ``gap`` steps, solves tightly for the reference (whose eigenvector
+    starts the next round), runs pyhessian once (seeded by the round) and times our
+    forward-over-reverse solve from the previous round's eigenvector. Returns the median
+    ratio to pyhessian's time, and per round our products, pyhessian's and λ_max.
+    """
+    model.eval()
+    ours_trace(model, loss_fn, inputs, targets, "forward_over_reverse", max_iter=1)  # trace outside the timing
+    previous = ours_vector(model, loss_fn, inputs, targets, "double_backward")
+    ratios, products, pyhessian_products, lambdas = [], [], [], []
+    for round_index in range(rounds):
+        train_steps(model, loss_fn, optimizer, next_batch, gap)
+        current = ours_vector(model, loss_fn, inputs, targets, "double_backward")
+        pyhessian_time, pyhessian_count = time_to_accuracy(
+            pyhessian_trace(model, loss_fn, inputs, targets, seed=round_index), current.lambda_max)
+        seconds, count = time_to_accuracy(
+            ours_trace(model, loss_fn, inputs, targets, "forward_over_reverse", start=previous.vector),
+            current.lambda_max)
+        ratios.append(seconds / pyhessian_time)
+        products.append(count)
+        pyhessian_products.append(pyhessian_count)
+        lambdas.append(current.lambda_max)
+        previous = current
+    return {"ratio": median(ratios), "ratios": ratios, "products": products,
+            "pyhessian_products": pyhessian_products, "lambdas": lambdas}
+
+
 def first_call_seconds(model, loss_fn, inputs, targets) -> float:
     """Return the seconds the first forward-over-reverse solve of a run spends tracing its split product.
 
@@ -226,6 +259,8 @@ def product_ratios(model, loss_fn, inputs, targets, repeats):
         ratios["forward_over_reverse_plain"] = median_time(plain_forward_over_reverse, count=3) / base
         ratios["split_bind"] = median_time(
             lambda: HessianOperator(model, loss_fn, inputs, targets, method="forward_over_reverse").gradient()) / base
+        ratios["split_bind_lean"] = median_time(
+            lambda: cached_split_product(model, names, loss_fn, 1.0, params, inputs, targets, with_gradient=False)) / base
         for method in ("double_backward", "forward_over_reverse"):
             operator = HessianOperator(model, loss_fn, inputs, targets, method=method)
             ratios[method] = median_time(lambda: operator(vector)) / base
@@ -286,6 +321,9 @@ def main() -> None:
     parser.add_argument("--gap", type=int, default=5, help="SGD steps between a solve and its warm-started successor")
     parser.add_argument("--settle-steps", type=int, default=300,
                         help="SGD steps between the early and the later warm-start measurement")
+    parser.add_argument("--gd-lr", type=float, default=0.01, help="step size of the full-batch gradient descent")
+    parser.add_argument("--gd-steps", type=int, default=20,
+                        help="full-batch gradient descent steps before its warm-start measurements")
     parser.add_argument("--memory-child", choices=MEMORY_CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -311,8 +349,19 @@ def main() -> None:
                                                reference.lambda_max))
     pyhessian_time = median(s for s, _ in pyhessian_runs)
 
-    # Warm start: a few training steps later, start from the previous eigenvector. Early
-    # in training λ_max moves fast; after --settle-steps more steps it moves less.
+    # Warm start under full-batch gradient descent on the sharpness batch, the setting
+    # of `eos study sharpness` (Cohen et al., 2021), on a copy of the model.
+    full_batch = copy.deepcopy(model)
+    descent = torch.optim.SGD(full_batch.parameters(), lr=args.gd_lr)
+    same_batch = lambda: (inputs, targets)  # noqa: E731
+    train_steps(full_batch, loss_fn, descent, same_batch, args.gd_steps)
+    chains = {gap: warm_chain(full_batch, loss_fn, inputs, targets, descent, same_batch, gap, args.repeats)
+              for gap in (1, args.gap)}
+    del full_batch, descent
+
+    # Warm start under minibatch SGD with momentum: a few training steps later, start
+    # from the previous eigenvector. Early in training λ_max moves fast; after
+    # --settle-steps more steps it moves less.
     warm_early = warm_ratios(model, loss_fn, inputs, targets, optimizer, next_batch, args.gap, args.repeats)
     train_steps(model, loss_fn, optimizer, next_batch, args.settle_steps)
     warm_settled = warm_ratios(model, loss_fn, inputs, targets, optimizer, next_batch, args.gap, args.repeats)
@@ -332,8 +381,17 @@ def main() -> None:
         for method, (ratio, products, change) in warm.items():
             summary[f"warm_{method}" + ("" if warm is warm_early else "_settled")] = ratio
             target = "  (target <= 0.25)" if method == "forward_over_reverse" else ""
-            print(f"  warm start {when}, {args.gap} SGD steps after the previous solve (λ_max moved {change:+.1%}), "
+            print(f"  minibatch SGD with momentum, warm start {when}, {args.gap} steps after the previous solve "
+                  f"(λ_max moved {change:+.1%}), "
                   f"{method.replace('_', '-')}: {products} products, {ratio:.3f}{target}")
+
+    print(f"  full-batch gradient descent at lr {args.gd_lr:g} (2/lr = {2 / args.gd_lr:g}), starting "
+          f"{args.gd_steps} steps after step 15; each solve starts from the previous one's eigenvector:")
+    for gap, chain in chains.items():
+        summary[f"warm_gradient_descent_every_{gap}"] = chain["ratio"]
+        print(f"    every {gap} step{'s' if gap > 1 else ''}: λ_max {[round(value, 1) for value in chain['lambdas']]}, "
+              f"{chain['products']} products (pyhessian {chain['pyhessian_products']}), "
+              f"ratios {[round(value, 3) for value in chain['ratios']]}, median {chain['ratio']:.3f}  (target <= 0.25)")
 
     ratios = product_ratios(model, loss_fn, inputs, targets, args.repeats)
     print("\nHessian-vector product time / forward+backward time:")
@@ -345,6 +403,7 @@ def main() -> None:
     print(f"  forward-over-reverse, primal part computed at every product (torch.func.jvp): "
           f"{ratios['forward_over_reverse_plain']:.2f}")
     print(f"  primal part of the split (once per solve; gives the gradient too): {ratios['split_bind']:.2f}")
+    print(f"  primal part without the gradient (once per warm-started solve): {ratios['split_bind_lean']:.2f}")
 
     growth = memory_growth(args.data_root)
     memory = {method: growth[method] / max(growth["pyhessian"], 1) for method in ("double_backward", "forward_over_reverse")}
