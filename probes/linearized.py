@@ -255,7 +255,7 @@ def _prune_output_masks(graph: fx.Graph) -> int:
         in_args = index < len(node.args)
         mask = list(node.args[index] if in_args else node.kwargs["output_mask"])
         if any(user.target is not operator.getitem for user in node.users):
-            continue  # the tuple itself is read; keep every output
+            continue  # the whole tuple is read, so every output stays
         read = {user.args[1] for user in node.users if user.users}  # a getitem without users is dead
         pruned = [bool(selected) and position in read for position, selected in enumerate(mask)]
         if pruned == mask:

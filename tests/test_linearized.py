@@ -182,7 +182,7 @@ def test_lean_primal_skips_parameter_gradients(train_mode):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_warm_start_runs_only_the_lean_primal(monkeypatch):
+def test_warm_start_binds_lean_primal(monkeypatch):
     """A solve given a start vector binds without the gradient; one without it binds once, with it."""
     calls = []
     original = linearized.SplitProduct.bind
