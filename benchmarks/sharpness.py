@@ -8,7 +8,9 @@ Prints ratios measured in one run (absolute times on a shared machine mean littl
   eigenvector, each divided by pyhessian's time to the same accuracy. Warm starts are
   measured in two kinds of training: full-batch gradient descent on the sharpness
   batch, solving every step and every ``--gap`` steps, and minibatch SGD with
-  momentum, ``--gap`` steps after the previous solve;
+  momentum, ``--gap`` steps after the previous solve. Each of our solves is timed
+  twice from the same products: for λ_max (the Ritz value) and for the refined value
+  ``lambda_refined``;
 - time of one Hessian-vector product divided by one forward+backward, per path, and
   the one-time costs: building the double-backward graph, tracing the split
   forward-over-reverse product, and running its primal part once per solve;
@@ -94,7 +96,7 @@ def train_steps(model, loss_fn, optimizer, next_batch, steps: int) -> None:
 
 
 def ours_trace(model, loss_fn, inputs, targets, method, start="gradient", max_iter=80, seed=1):
-    """Run Lanczos with tolerance 0 and return [(seconds, estimate)] after each product.
+    """Run Lanczos with tolerance 0 and return [(seconds, Ritz value, refined value)] after each product.
 
     ``start`` is a vector (warm start), ``"gradient"`` (the estimator's cold-start
     default) or None (a Gaussian vector).
@@ -108,7 +110,7 @@ def ours_trace(model, loss_fn, inputs, targets, method, start="gradient", max_it
             start = operator.gradient()
         lanczos(operator, operator.dim, max_iter=max_iter, tol=0.0, start=start,
                 generator=torch.Generator().manual_seed(seed),
-                callback=lambda j, theta: trace.append((time.perf_counter() - started, theta)))
+                callback=lambda j, theta, refined: trace.append((time.perf_counter() - started, theta, refined)))
         operator.release()
     return trace
 
@@ -122,10 +124,21 @@ def ours_vector(model, loss_fn, inputs, targets, method):
     return estimate
 
 
+def ritz(trace):
+    """[(seconds, Ritz value)]: what λ_max reports after each product."""
+    return [(seconds, theta) for seconds, theta, _ in trace]
+
+
+def refined(trace):
+    """[(seconds, refined value)]: what lambda_refined reports after each product."""
+    return [(seconds, value) for seconds, _, value in trace]
+
+
 def warm_ratios(model, loss_fn, inputs, targets, optimizer, next_batch, gap: int, repeats: int) -> dict:
     """Solve, train ``gap`` steps, then time a solve started from the previous eigenvector.
 
-    Returns {path: (time to accuracy ÷ pyhessian's, products, relative change of λ_max)}.
+    Returns {path: (time to accuracy ÷ pyhessian's, products, relative change of λ_max,
+    the same ratio and products for the refined value)}.
     """
     previous = ours_vector(model, loss_fn, inputs, targets, "double_backward")
     train_steps(model, loss_fn, optimizer, next_batch, gap)
@@ -136,9 +149,10 @@ def warm_ratios(model, loss_fn, inputs, targets, optimizer, next_batch, gap: int
     change = moved.lambda_max / previous.lambda_max - 1
     results = {}
     for method in ("forward_over_reverse", "double_backward"):
-        seconds, products = time_to_accuracy(
-            ours_trace(model, loss_fn, inputs, targets, method, start=previous.vector), moved.lambda_max)
-        results[method] = (seconds / pyhessian_time, products, change)
+        trace = ours_trace(model, loss_fn, inputs, targets, method, start=previous.vector)
+        seconds, products = time_to_accuracy(ritz(trace), moved.lambda_max)
+        refined_seconds, refined_products = time_to_accuracy(refined(trace), moved.lambda_max)
+        results[method] = (seconds / pyhessian_time, products, change, refined_seconds / pyhessian_time, refined_products)
     return results
 
 
@@ -148,27 +162,31 @@ def warm_chain(model, loss_fn, inputs, targets, optimizer, next_batch, gap: int,
     Each round trains ``gap`` steps, solves tightly for the reference (whose eigenvector
     starts the next round), runs pyhessian once (seeded by the round) and times our
     forward-over-reverse solve from the previous round's eigenvector. Returns the median
-    ratio to pyhessian's time, and per round our products, pyhessian's and λ_max.
+    ratio to pyhessian's time, and per round our products, pyhessian's and λ_max; keys
+    starting with ``refined_`` hold the same for the refined value.
     """
     model.eval()
     ours_trace(model, loss_fn, inputs, targets, "forward_over_reverse", max_iter=1)  # trace outside the timing
     previous = ours_vector(model, loss_fn, inputs, targets, "double_backward")
-    ratios, products, pyhessian_products, lambdas = [], [], [], []
+    ratios, products, pyhessian_products, lambdas, refined_ratios, refined_products = [], [], [], [], [], []
     for round_index in range(rounds):
         train_steps(model, loss_fn, optimizer, next_batch, gap)
         current = ours_vector(model, loss_fn, inputs, targets, "double_backward")
         pyhessian_time, pyhessian_count = time_to_accuracy(
             pyhessian_trace(model, loss_fn, inputs, targets, seed=round_index), current.lambda_max)
-        seconds, count = time_to_accuracy(
-            ours_trace(model, loss_fn, inputs, targets, "forward_over_reverse", start=previous.vector),
-            current.lambda_max)
+        trace = ours_trace(model, loss_fn, inputs, targets, "forward_over_reverse", start=previous.vector)
+        seconds, count = time_to_accuracy(ritz(trace), current.lambda_max)
         ratios.append(seconds / pyhessian_time)
         products.append(count)
+        seconds, count = time_to_accuracy(refined(trace), current.lambda_max)
+        refined_ratios.append(seconds / pyhessian_time)
+        refined_products.append(count)
         pyhessian_products.append(pyhessian_count)
         lambdas.append(current.lambda_max)
         previous = current
     return {"ratio": median(ratios), "ratios": ratios, "products": products,
-            "pyhessian_products": pyhessian_products, "lambdas": lambdas}
+            "pyhessian_products": pyhessian_products, "lambdas": lambdas,
+            "refined_ratio": median(refined_ratios), "refined_ratios": refined_ratios, "refined_products": refined_products}
 
 
 def first_call_seconds(model, loss_fn, inputs, targets) -> float:
@@ -336,15 +354,19 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
 
     reference = ours_vector(model, loss_fn, inputs, targets, "double_backward")
-    print(f"reference λ_max {reference.lambda_max:.6g} (residual {reference.residual:.2e}, "
-          f"{reference.hvp_count} products, converged {reference.converged})")
+    # λ2 tells this instance apart from another machine's: the 15 warm-up steps are
+    # chaotic, so rounding differences between convolution kernels change the state.
+    print(f"reference λ_max {reference.lambda_max:.6g}, λ2 {reference.lambda_2:.6g} (residual "
+          f"{reference.residual:.2e}, {reference.hvp_count} products, converged {reference.converged})")
 
     trace_seconds = first_call_seconds(model, loss_fn, inputs, targets)
-    pyhessian_runs, runs = [], {name: [] for name in STARTS}
+    pyhessian_runs, runs, refined_runs = [], {name: [] for name in STARTS}, []
     for repeat in range(args.repeats):
         for name, (method, start) in STARTS.items():
-            runs[name].append(time_to_accuracy(
-                ours_trace(model, loss_fn, inputs, targets, method, start=start, seed=repeat), reference.lambda_max))
+            trace = ours_trace(model, loss_fn, inputs, targets, method, start=start, seed=repeat)
+            runs[name].append(time_to_accuracy(ritz(trace), reference.lambda_max))
+            if name == "cold_forward_over_reverse":
+                refined_runs.append(time_to_accuracy(refined(trace), reference.lambda_max))
         pyhessian_runs.append(time_to_accuracy(pyhessian_trace(model, loss_fn, inputs, targets, seed=repeat),
                                                reference.lambda_max))
     pyhessian_time = median(s for s, _ in pyhessian_runs)
@@ -374,24 +396,32 @@ def main() -> None:
         summary[name] = seconds / pyhessian_time
         target = "  (target <= 0.5)" if name == "cold_forward_over_reverse" else ""
         print(f"  {label}: {[p for _, p in runs[name]]} products, {summary[name]:.3f}{target}")
+    summary["cold_forward_over_reverse_refined"] = median(s for s, _ in refined_runs) / pyhessian_time
+    print(f"  the same, refined value (lambda_refined): {[p for _, p in refined_runs]} products, "
+          f"{summary['cold_forward_over_reverse_refined']:.3f}")
     first = (median(s for s, _ in runs["cold_forward_over_reverse"]) + trace_seconds) / pyhessian_time
     print(f"  the same, at the first call of a run (adds the one-time trace): {first:.3f}")
     settled_step = 15 + 2 * args.gap + args.settle_steps
     for when, warm in ((f"at step {15 + args.gap}", warm_early), (f"at step {settled_step}", warm_settled)):
-        for method, (ratio, products, change) in warm.items():
-            summary[f"warm_{method}" + ("" if warm is warm_early else "_settled")] = ratio
+        for method, (ratio, products, change, refined_ratio, refined_products) in warm.items():
+            key = f"warm_{method}" + ("" if warm is warm_early else "_settled")
+            summary[key], summary[f"{key}_refined"] = ratio, refined_ratio
             target = "  (target <= 0.25)" if method == "forward_over_reverse" else ""
             print(f"  minibatch SGD with momentum, warm start {when}, {args.gap} steps after the previous solve "
                   f"(λ_max moved {change:+.1%}), "
-                  f"{method.replace('_', '-')}: {products} products, {ratio:.3f}{target}")
+                  f"{method.replace('_', '-')}: {products} products, {ratio:.3f}{target}; "
+                  f"refined value: {refined_products} products, {refined_ratio:.3f}")
 
     print(f"  full-batch gradient descent at lr {args.gd_lr:g} (2/lr = {2 / args.gd_lr:g}), starting "
           f"{args.gd_steps} steps after step 15; each solve starts from the previous one's eigenvector:")
     for gap, chain in chains.items():
         summary[f"warm_gradient_descent_every_{gap}"] = chain["ratio"]
+        summary[f"warm_gradient_descent_every_{gap}_refined"] = chain["refined_ratio"]
         print(f"    every {gap} step{'s' if gap > 1 else ''}: λ_max {[round(value, 1) for value in chain['lambdas']]}, "
               f"{chain['products']} products (pyhessian {chain['pyhessian_products']}), "
               f"ratios {[round(value, 3) for value in chain['ratios']]}, median {chain['ratio']:.3f}  (target <= 0.25)")
+        print(f"      refined value: {chain['refined_products']} products, "
+              f"ratios {[round(value, 3) for value in chain['refined_ratios']]}, median {chain['refined_ratio']:.3f}")
 
     ratios = product_ratios(model, loss_fn, inputs, targets, args.repeats)
     print("\nHessian-vector product time / forward+backward time:")

@@ -10,6 +10,7 @@ from probes.hessian import (
     lanczos,
     lanczos_top_eigen,
     power_iteration,
+    refined_lower_bound,
     top_eigenvalue,
 )
 from probes.sharpness import SharpnessProbe
@@ -33,6 +34,7 @@ __all__ = [
     "lanczos_top_eigen",
     "log_bins",
     "power_iteration",
+    "refined_lower_bound",
     "preserved_model_state",
     "pyhessian_top_eigenvalue",
     "sharpness_spread",

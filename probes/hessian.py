@@ -382,6 +382,9 @@ class EigenEstimate:
     residual β_k·|s_k|, equal to the true residual in exact arithmetic); ``lambda_2``
     is the second Ritz value, so λ1/λ2 near 1 warns of a small spectral gap.
     ``eigenvalues`` lists the top-k estimates in decreasing order when k > 1.
+    ``lambda_refined`` is λ_max plus a second-order correction from the residual
+    (:func:`refined_lower_bound`), often within 1e-3 of λ_max a product or two
+    before λ_max itself; NaN where no residual is known.
     """
 
     lambda_max: float
@@ -393,6 +396,7 @@ class EigenEstimate:
     eigenvalues: list[float] = field(default_factory=list)
     method: str = ""
     dropout: str = "absent"  # "disabled" when the solve switched dropout layers off
+    lambda_refined: float = math.nan
 
     @property
     def gap_ratio(self) -> float:
@@ -400,6 +404,24 @@ class EigenEstimate:
         if self.lambda_2 == 0 or not math.isfinite(self.lambda_2):
             return math.nan
         return self.lambda_max / self.lambda_2
+
+
+def refined_lower_bound(theta: float, residual: float, floor: float) -> float:
+    """Return θ + min(r, r²/(θ − L)), an estimate of λ_max closer than the Rayleigh quotient θ.
+
+    For a unit vector u with Rayleigh quotient θ and residual r = ‖Hu − θu‖, and a floor
+    L at or below every eigenvalue of H, the matrix M = H − L·I is positive
+    semi-definite. The Rayleigh quotient of M at M^(1/2)·u is ‖Mu‖²/(uᵀMu) =
+    θ − L + r²/(θ − L), and no Rayleigh quotient of M exceeds λ_max − L. So
+    θ + r²/(θ − L) is a lower bound on λ_max, never below θ, and its error is of second
+    order in r where θ's is of first order in r²/gap. With L = 0 it is ‖Hu‖²/(uᵀHu).
+    A floor above the true bottom of the spectrum can push the value past λ_max. The
+    correction is capped at r, so such an overshoot stays within one residual.
+    Returns θ unchanged when θ ≤ L or r is not finite.
+    """
+    if not (math.isfinite(residual) and theta > floor):
+        return theta
+    return theta + min(residual, residual**2 / (theta - floor))
 
 
 def _random_start(dim: int, generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
@@ -415,7 +437,8 @@ def lanczos(
     start: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
-    callback: Callable[[int, float], None] | None = None,
+    callback: Callable[[int, float, float], None] | None = None,
+    floor: float | None = None,
 ) -> EigenEstimate:
     """Estimate the k largest algebraic eigenvalues of a symmetric operator by Lanczos.
 
@@ -425,8 +448,10 @@ def lanczos(
     space becomes invariant, or after ``max_iter`` products; ``converged`` is False
     only in the last case.
     ``start`` (for example the previous estimate's eigenvector) seeds the Krylov
-    space; without it a Gaussian vector is drawn from ``generator``. ``callback(j, θ)``
-    receives the top Ritz value after each product (benchmarks use it).
+    space; without it a Gaussian vector is drawn from ``generator``. ``callback(j, θ, refined)``
+    receives the top Ritz value and its refined value after each product (benchmarks use it).
+    ``floor`` is a lower bound on the spectrum for ``lambda_refined``; by default
+    min(0, smallest Ritz value), exact when the Hessian has no eigenvalue below it.
     """
     if max_iter < 1 or k < 1:
         raise ValueError(f"invalid max_iter={max_iter} or k={k}: expected integers >= 1")
@@ -459,9 +484,11 @@ def lanczos(
             tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
         values, vectors = torch.linalg.eigh(tridiagonal)  # ascending
         top = min(k, len(alphas))
-        if callback is not None:
-            callback(j + 1, values[-1].item())
         residuals = beta * vectors[-1, -top:].abs()
+        bottom = floor if floor is not None else min(0.0, values[0].item())
+        refined = refined_lower_bound(values[-1].item(), residuals[-1].item(), bottom)
+        if callback is not None:
+            callback(j + 1, values[-1].item(), refined)
         scale = values[-top:].abs().clamp_min(torch.finfo(torch.float64).tiny)
         invariant = beta <= 1e-10 * max(values.abs().max().item(), 1e-300)
         if (len(alphas) >= k and bool((residuals <= tol * scale).all())) or invariant or j + 1 == dim:
@@ -489,6 +516,7 @@ def lanczos(
         lambda_2=values[-2].item() if used > 1 else math.nan,
         eigenvalues=top_values,
         method="lanczos",
+        lambda_refined=refined,
     )
 
 
@@ -526,6 +554,7 @@ def power_iteration(
     start: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    floor: float | None = None,
 ) -> EigenEstimate:
     """Estimate the largest algebraic eigenvalue by power iteration, shifted when needed.
 
@@ -533,15 +562,18 @@ def power_iteration(
     one is negative, or the iteration does not converge (for example λ_max = −λ_min),
     the second phase iterates on H + s·I with s the largest ‖Hv‖ seen, which makes the
     spectrum non-negative and λ_max + s dominant. ``max_iter`` bounds each phase.
+    ``floor`` is the spectrum's lower bound for ``lambda_refined``: by default 0, or −s
+    after a shifted phase.
     """
     start = (start if start is not None else _random_start(dim, generator, device)).to(device=device, dtype=torch.float64)
     theta, v, used, residual, converged, spectral = _power(operator, start, 0.0, max_iter, tol)
-    total = used
+    total, shift = used, 0.0
     if not converged or theta < 0:
         shift = spectral
         theta, v, used, residual, converged, _ = _power(operator, v + 0.1 * _random_start(dim, generator, device), shift, max_iter, tol)
         total += used
-    return EigenEstimate(theta, v / v.norm(), total, residual, converged, method="power")
+    refined = refined_lower_bound(theta, residual, floor if floor is not None else -shift)
+    return EigenEstimate(theta, v / v.norm(), total, residual, converged, method="power", lambda_refined=refined)
 
 
 def hutchinson_trace(operator: Operator, dim: int, samples: int = 20, generator: torch.Generator | None = None,

@@ -155,6 +155,7 @@ class SharpnessProbe(Callback):
             "step": state.step,
             "lambda_max": estimate.lambda_max,
             "lambda_2": estimate.lambda_2,
+            "lambda_refined": estimate.lambda_refined,
             "preconditioned": preconditioned,
             "lr": m.lr if m is not None else math.nan,
             "effective_lr": m.effective_lr if m is not None else math.nan,

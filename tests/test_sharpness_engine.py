@@ -19,6 +19,7 @@ from probes import (
     lanczos,
     power_iteration,
     pyhessian_top_eigenvalue,
+    refined_lower_bound,
     sharpness_spread,
     top_eigenvalue,
 )
@@ -52,6 +53,85 @@ def test_lanczos_top_three_with_bulk_and_outliers():
     assert len(estimate.eigenvalues) == 3
     for found, true in zip(estimate.eigenvalues, exact.tolist()):
         assert found == pytest.approx(true, abs=1e-3)
+
+
+def test_refined_value_by_hand():
+    """diag(3, 1) from (1, 1)/√2: θ = 2, Hv − θv = (1, −1)/√2 so r = 1, and ‖Hv‖²/θ = 5/2."""
+    matrix = _matrix((3.0, 1.0))
+    start = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    # tol 0.6 lets power iteration accept r = 1 ≤ 0.6·θ at once, before its shifted phase.
+    for solve in (lanczos, power_iteration):
+        estimate = solve(lambda v: matrix @ v, 2, max_iter=1, tol=0.6, start=start)
+        assert estimate.lambda_max == pytest.approx(2.0)
+        assert estimate.residual == pytest.approx(1.0)
+        assert estimate.lambda_refined == pytest.approx(2.5)
+    assert refined_lower_bound(2.0, 1.0, -1.0) == pytest.approx(2.0 + 1.0 / 3.0)
+    assert refined_lower_bound(2.0, 3.0, 0.0) == pytest.approx(5.0)  # r²/θ = 4.5 is capped at r
+    assert refined_lower_bound(-1.0, 1.0, 0.0) == -1.0  # θ at or below the floor: nothing to add
+
+
+def _spectrum_matrix(spectrum, seed):
+    generator = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(len(spectrum), len(spectrum), generator=generator, dtype=torch.float64))
+    return basis @ torch.diag(spectrum) @ basis.T, basis[:, torch.argmax(spectrum)], generator
+
+
+def _steps(matrix, start, floor=None, max_iter=6):
+    """Return (θ, refined) after each Lanczos product."""
+    trace = []
+    lanczos(lambda v: matrix @ v, len(start), max_iter=max_iter, tol=0.0, start=start, floor=floor,
+            callback=lambda j, theta, refined: trace.append((theta, refined)))
+    return trace
+
+
+def test_refined_value_semidefinite_warm_start():
+    """A warm start near the top eigenvector: the refined value lies between θ and λ_max
+    at every step, and after one product it is far closer than θ."""
+    spectrum = torch.linspace(0.0, 1.0, 200, dtype=torch.float64)
+    spectrum[:3] = torch.tensor([50.0, 20.0, 10.0], dtype=torch.float64)
+    matrix, top, generator = _spectrum_matrix(spectrum, seed=3)
+    start = top + 0.02 * torch.randn(200, generator=generator, dtype=torch.float64)
+    trace = _steps(matrix, start)
+    for theta, refined in trace:
+        assert theta - 1e-9 <= refined <= 50.0 + 1e-9
+    theta, refined = trace[0]
+    assert 50.0 - refined < 0.2 * (50.0 - theta)
+
+
+def test_refined_value_indefinite_with_floor():
+    """With the true bottom of the spectrum as the floor, the refined value stays a lower bound."""
+    spectrum = torch.linspace(-3.0, 1.0, 150, dtype=torch.float64)
+    spectrum[0] = 12.0
+    matrix, top, generator = _spectrum_matrix(spectrum, seed=4)
+    start = top + 0.3 * torch.randn(150, generator=generator, dtype=torch.float64)
+    trace = _steps(matrix, start, floor=-3.0)
+    for theta, refined in trace:
+        assert theta - 1e-9 <= refined <= 12.0 + 1e-9
+    assert trace[0][1] > trace[0][0] + 1e-3
+
+
+def test_refined_value_capped_wrong_floor():
+    """diag(4, −4, 1) from (1, 1, 1): θ = 1/3, r² = 98/9; the default floor 0 lies above −4,
+    so r²/θ = 32.7 would overshoot λ_max = 4 eightfold. The cap keeps θ + r."""
+    matrix = _matrix((4.0, -4.0, 1.0))
+    estimate = lanczos(lambda v: matrix @ v, 3, max_iter=1, tol=1e-12, start=torch.ones(3, dtype=torch.float64))
+    assert estimate.lambda_max == pytest.approx(1.0 / 3.0)
+    assert estimate.lambda_refined == pytest.approx(1.0 / 3.0 + (98.0 / 9.0) ** 0.5)
+
+
+def test_refined_value_network_eigvalsh():
+    """One product from a perturbed top eigenvector of a real network's Hessian."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    inputs, targets = torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 2, (20,))
+    loss_fn = nn.CrossEntropyLoss()
+    hessian = _dense_hessian(model, loss_fn, inputs, targets)
+    values, vectors = torch.linalg.eigh(hessian)
+    start = vectors[:, -1] + 0.1 * torch.randn(len(values), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    estimate = top_eigenvalue(model, loss_fn, inputs, targets, max_iter=1, start=start, warn=False)
+    exact = values[-1].item()
+    assert estimate.lambda_max < estimate.lambda_refined
+    assert abs(estimate.lambda_refined - exact) < 0.3 * abs(estimate.lambda_max - exact)
 
 
 class BatchNormCNN(nn.Module):
@@ -245,6 +325,9 @@ def test_adam_run_records_preconditioned_sharpness(caplog):
     adam_row = [r for r in rows if r["preconditioned"]][-1]
     assert adam_row["threshold"] == pytest.approx(3.8 / (0.1 * adam_row["effective_lr"]))
     assert "not the stability criterion" in caplog.text
+    for row in rows:
+        assert row["lambda_refined"] == pytest.approx(row["lambda_max"], rel=1e-3)
+        assert row["lambda_refined"] >= row["lambda_max"]
 
 
 def test_pyhessian_backend_restores_mode_and_grad():
