@@ -189,6 +189,31 @@ def warm_chain(model, loss_fn, inputs, targets, optimizer, next_batch, gap: int,
             "refined_ratio": median(refined_ratios), "refined_ratios": refined_ratios, "refined_products": refined_products}
 
 
+def compare_starts(model, loss_fn, inputs, targets, optimizer, next_batch, gaps=(1, 1, 1, 5, 5, 5, 20)) -> None:
+    """Print the products to 1e-3 from the previous eigenvector and from the loss gradient.
+
+    Trains minibatch SGD for each gap in ``gaps`` and solves after each, so every row
+    compares both starts on the same Hessian. Its rows set the |cos| threshold of
+    ``SharpnessProbe(start="auto")``.
+    """
+    previous = ours_vector(model, loss_fn, inputs, targets, "double_backward")
+    print("minibatch SGD; products to 1e-3 for λ_max (Ritz value) and the refined value:")
+    for gap in gaps:
+        train_steps(model, loss_fn, optimizer, next_batch, gap)
+        current = ours_vector(model, loss_fn, inputs, targets, "double_backward")
+        cosine = abs(torch.dot(previous.vector, current.vector).item())
+        counts = {}
+        for name, start in (("previous eigenvector", previous.vector), ("gradient", "gradient")):
+            trace = ours_trace(model, loss_fn, inputs, targets, "double_backward", start=start, max_iter=12)
+            counts[name] = (time_to_accuracy(ritz(trace), current.lambda_max)[1],
+                            time_to_accuracy(refined(trace), current.lambda_max)[1])
+        print(f"  {gap:>2} steps after the previous solve: λ_max {current.lambda_max:.1f}, λ2 {current.lambda_2:.1f}, "
+              f"|cos| between eigenvectors {cosine:.3f}; "
+              + ", ".join(f"from the {name} {ritz_count} and {refined_count}"
+                          for name, (ritz_count, refined_count) in counts.items()))
+        previous = current
+
+
 def first_call_seconds(model, loss_fn, inputs, targets) -> float:
     """Return the seconds the first forward-over-reverse solve of a run spends tracing its split product.
 
@@ -342,6 +367,10 @@ def main() -> None:
     parser.add_argument("--gd-lr", type=float, default=0.01, help="step size of the full-batch gradient descent")
     parser.add_argument("--gd-steps", type=int, default=20,
                         help="full-batch gradient descent steps before its warm-start measurements")
+    parser.add_argument("--compare-starts", action="store_true",
+                        help="only compare warm starts with gradient starts under minibatch SGD, counting products")
+    parser.add_argument("--start-gaps", default="1,1,1,5,5,5,20",
+                        help="with --compare-starts: SGD steps before each solve, comma-separated")
     parser.add_argument("--memory-child", choices=MEMORY_CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -352,10 +381,14 @@ def main() -> None:
     model, loss_fn, inputs, targets, optimizer, next_batch = make_problem(args.data_root)
     print(f"CIFAR-ResNet-20, batch {len(targets)}, {'real CIFAR-10 images' if args.data_root else 'random images'}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    if args.compare_starts:
+        gaps = tuple(int(gap) for gap in args.start_gaps.split(","))
+        compare_starts(model, loss_fn, inputs, targets, optimizer, next_batch, gaps)
+        return
 
     reference = ours_vector(model, loss_fn, inputs, targets, "double_backward")
-    # λ2 tells this instance apart from another machine's: the 15 warm-up steps are
-    # chaotic, so rounding differences between convolution kernels change the state.
+    # λ2 identifies the instance, which can differ between machines. The 15 warm-up
+    # steps are chaotic, so rounding differences between convolution kernels change the state.
     print(f"reference λ_max {reference.lambda_max:.6g}, λ2 {reference.lambda_2:.6g} (residual "
           f"{reference.residual:.2e}, {reference.hvp_count} products, converged {reference.converged})")
 

@@ -20,6 +20,13 @@ log = logging.getLogger(__name__)
 
 BN_MODES = ("train", "eval")
 BACKENDS = ("ours", "pyhessian")
+STARTS = ("auto", "previous", "gradient")
+# Under start="auto", the previous eigenvector starts the next solve only while the last
+# two solves' eigenvectors had |cos| at least this. On a CIFAR-ResNet-20 under minibatch
+# SGD (benchmarks/sharpness.py --compare-starts), Lanczos from the previous eigenvector
+# needed 2 products fewer than from the loss gradient at |cos| 0.97, 0-1 fewer at
+# 0.34-0.67, and 2 more at 0.02-0.05. Solving every 40 steps, |cos| stayed at 0.16-0.31.
+MIN_WARM_COSINE = 0.5
 
 __all__ = ["SharpnessProbe", "preserved_model_state"]
 
@@ -41,8 +48,14 @@ class SharpnessProbe(Callback):
         bn_mode: ``train`` evaluates BatchNorm with batch statistics, as in the loss the
             optimizer descends; ``eval`` uses running statistics. Buffers are restored.
         max_iter, tol: budget in Hessian-vector products and relative residual tolerance.
-        seed: seed of the probe's own generator for the first start vector; later
-            estimates start from the previous eigenvector (warm start).
+        seed: seed of the probe's own generator, for a Gaussian start vector where the
+            loss gradient is zero or not finite.
+        start: what starts each solve after the first. ``previous``: the previous
+            estimate's eigenvector (warm start). ``gradient``: the loss gradient, like the
+            first solve. ``auto`` (default): the previous eigenvector while it stays
+            close to the new one (|cos| ≥ 0.5 between the last two eigenvectors), else
+            the gradient, because a turned eigenvector is a worse start than the gradient.
+            Rows record the choice (``start``) and the last |cos| (``eigenvector_cosine``).
         hvp_method: ``auto``, ``double_backward`` or ``forward_over_reverse``.
         estimator: ``lanczos`` (default) or ``power`` (shifted power iteration).
         backend: ``ours`` or ``pyhessian`` (eval-mode BatchNorm, power iteration).
@@ -76,12 +89,14 @@ class SharpnessProbe(Callback):
         estimator: str = "lanczos",
         backend: str = "ours",
         group=None,
+        start: str = "auto",
     ) -> None:
         checks = [
             (bn_mode in BN_MODES, "bn_mode", bn_mode, BN_MODES),
             (hvp_method in HVP_METHODS, "hvp_method", hvp_method, HVP_METHODS),
             (estimator in ESTIMATORS, "estimator", estimator, ESTIMATORS),
             (backend in BACKENDS, "backend", backend, BACKENDS),
+            (start in STARTS, "start", start, STARTS),
         ]
         for ok, name, value, allowed in checks:
             if not ok:
@@ -101,7 +116,11 @@ class SharpnessProbe(Callback):
         self.group = group  # torch.distributed: each rank passes its part of the sharpness batch
         self._batch_size: int | None = None
         self.generator = torch.Generator().manual_seed(seed)
+        self.start = start
         self.previous: dict[bool, torch.Tensor | None] = {False: None, True: None}
+        # |cos| between the last two eigenvectors, per preconditioning; NaN before the second solve.
+        self.cosine: dict[bool, float] = {False: math.nan, True: math.nan}
+        self.last_start = ""
         self.last: EigenEstimate | None = None
         self.disabled_reason = ""
         self.estimates = 0
@@ -126,14 +145,18 @@ class SharpnessProbe(Callback):
                     raise ValueError("the pyhessian backend has no preconditioned sharpness; use backend='ours'")
                 estimate = pyhessian_top_eigenvalue(model, loss_fn, self.inputs, self.targets, self.max_iter, self.tol)
             else:
+                start = self._start_vector(preconditioned)
                 estimate = top_eigenvalue(
                     model, loss_fn, self.inputs, self.targets,
-                    max_iter=self.max_iter, tol=self.tol, start=self.previous[preconditioned],
+                    max_iter=self.max_iter, tol=self.tol, start=start,
                     generator=self.generator, chunk_size=self.chunk_size, warn=False,
                     hvp_method=self.hvp_method, estimator=self.estimator, preconditioner=preconditioner,
                     group=self.group,
                 )
                 self.hvp_method = estimate.method.split("/")[-1]  # keep the path "auto" chose
+        previous = self.previous[preconditioned]
+        if previous is not None:
+            self.cosine[preconditioned] = abs(torch.dot(previous, estimate.vector)).item()
         self.previous[preconditioned] = estimate.vector
         self.last = estimate
         self.estimates += 1
@@ -146,6 +169,16 @@ class SharpnessProbe(Callback):
                     estimate.lambda_max, estimate.hvp_count, estimate.residual, self.tol,
                 )
         return estimate
+
+    def _start_vector(self, preconditioned: bool) -> torch.Tensor | None:
+        """Return the vector that starts the next solve, or None for the loss gradient."""
+        previous = self.previous[preconditioned]
+        turned = self.cosine[preconditioned] < MIN_WARM_COSINE  # False while NaN
+        if previous is None or self.start == "gradient" or (self.start == "auto" and turned):
+            self.last_start = "gradient"
+            return None
+        self.last_start = "previous"
+        return previous
 
     def _row(self, state: TrainState, estimate: EigenEstimate, kind: str, threshold: float, preconditioned: bool) -> dict:
         m = state.measurement
@@ -169,6 +202,8 @@ class SharpnessProbe(Callback):
             "bn_mode": self.bn_mode,
             "dropout": estimate.dropout,
             "estimator": estimate.method,
+            "start": self.last_start if self.backend == "ours" else "random",
+            "eigenvector_cosine": self.cosine[preconditioned],
         }
 
     def _record(self, state: TrainState) -> list[dict]:
@@ -221,6 +256,7 @@ class SharpnessProbe(Callback):
     def state_dict(self) -> dict:
         return {
             "previous": {str(key): vector for key, vector in self.previous.items() if vector is not None},
+            "cosine": {str(key): value for key, value in self.cosine.items()},
             "generator": self.generator.get_state(),
             "hvp_method": self.hvp_method,
             "estimates": self.estimates,
@@ -233,6 +269,9 @@ class SharpnessProbe(Callback):
         self.previous = {False: None, True: None}
         for key, vector in state["previous"].items():
             self.previous[key == "True"] = vector
+        self.cosine = {False: math.nan, True: math.nan}
+        for key, value in state.get("cosine", {}).items():  # absent in checkpoints written before it existed
+            self.cosine[key == "True"] = value
         self.generator.set_state(state["generator"].cpu())
         self.hvp_method = state["hvp_method"]
         self.estimates, self.unconverged = state["estimates"], state["unconverged"]

@@ -1,5 +1,6 @@
 """λ_max estimates against exact values (eigvalsh of the full Hessian) and against pyhessian."""
 
+import math
 import warnings
 
 import pytest
@@ -155,3 +156,41 @@ def test_sharpness_probe_warm_start_uses_fewer_products():
     warm = probe.measure(model, nn.CrossEntropyLoss())
     assert warm.lambda_max == pytest.approx(cold.lambda_max, rel=1e-6)
     assert warm.hvp_count < cold.hvp_count
+
+
+@pytest.mark.parametrize("start, expected", [
+    ("auto", ["gradient", "previous", "previous", "gradient"]),
+    ("previous", ["gradient", "previous", "previous", "previous"]),
+    ("gradient", ["gradient", "gradient", "gradient", "gradient"]),
+])
+def test_sharpness_probe_start_choice(start, expected):
+    """Under "auto", a turned eigenvector (|cos| below 0.5) sends the next solve back to the gradient."""
+    model, inputs, targets = _tiny_problem()
+    probe = SharpnessProbe(inputs, targets, max_iter=50, tol=1e-6, start=start)
+    starts, cosines = [], []
+    for call in range(4):
+        if call == 3:
+            probe.cosine[False] = 0.2  # as if the eigenvector had turned between the last two calls
+        probe.measure(model, nn.CrossEntropyLoss())
+        starts.append(probe.last_start)
+        cosines.append(probe.cosine[False])
+    assert starts == expected
+    assert math.isnan(cosines[0])
+    assert cosines[1] == pytest.approx(1.0, abs=1e-6)  # same parameters: the same eigenvector
+
+
+def test_sharpness_probe_cosine_survives_resume():
+    model, inputs, targets = _tiny_problem()
+    probe = SharpnessProbe(inputs, targets, max_iter=50, tol=1e-6)
+    for _ in range(2):
+        probe.measure(model, nn.CrossEntropyLoss())
+    restored = SharpnessProbe(inputs, targets, max_iter=50, tol=1e-6)
+    restored.load_state_dict(probe.state_dict())
+    assert restored.cosine == probe.cosine
+    assert torch.equal(restored.previous[False], probe.previous[False])
+
+
+def test_sharpness_probe_rejects_unknown_start():
+    model, inputs, targets = _tiny_problem()
+    with pytest.raises(ValueError, match="invalid start='warm'"):
+        SharpnessProbe(inputs, targets, start="warm")

@@ -328,6 +328,9 @@ def test_adam_run_records_preconditioned_sharpness(caplog):
     for row in rows:
         assert row["lambda_refined"] == pytest.approx(row["lambda_max"], rel=1e-3)
         assert row["lambda_refined"] >= row["lambda_max"]
+    assert rows[0]["start"] == "gradient"
+    assert rows[-1]["start"] == "previous"
+    assert 0.0 <= rows[-1]["eigenvector_cosine"] <= 1.0 + 1e-9
 
 
 def test_pyhessian_backend_restores_mode_and_grad():
