@@ -419,6 +419,8 @@ def refined_lower_bound(theta: float, residual: float, floor: float) -> float:
     correction is capped at r, so such an overshoot stays within one residual.
     Returns θ unchanged when θ ≤ L or r is not finite.
     """
+    if residual < 0:
+        raise ValueError(f"invalid residual={residual}: a residual norm ‖Hu − θu‖ is >= 0")
     if not (math.isfinite(residual) and theta > floor):
         return theta
     return theta + min(residual, residual**2 / (theta - floor))

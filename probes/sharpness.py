@@ -55,7 +55,8 @@ class SharpnessProbe(Callback):
             first solve. ``auto`` (default): the previous eigenvector while it stays
             close to the new one (|cos| ≥ 0.5 between the last two eigenvectors), else
             the gradient, because a turned eigenvector is a worse start than the gradient.
-            Rows record the choice (``start``) and the last |cos| (``eigenvector_cosine``).
+            Rows record the choice (``start``) and |cos| between the estimate's
+            eigenvector and the previous estimate's (``eigenvector_cosine``).
         hvp_method: ``auto``, ``double_backward`` or ``forward_over_reverse``.
         estimator: ``lanczos`` (default) or ``power`` (shifted power iteration).
         backend: ``ours`` or ``pyhessian`` (eval-mode BatchNorm, power iteration).

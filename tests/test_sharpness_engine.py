@@ -68,6 +68,8 @@ def test_refined_value_by_hand():
     assert refined_lower_bound(2.0, 1.0, -1.0) == pytest.approx(2.0 + 1.0 / 3.0)
     assert refined_lower_bound(2.0, 3.0, 0.0) == pytest.approx(5.0)  # r²/θ = 4.5 is capped at r
     assert refined_lower_bound(-1.0, 1.0, 0.0) == -1.0  # θ at or below the floor: nothing to add
+    with pytest.raises(ValueError, match="invalid residual=-1.0"):
+        refined_lower_bound(2.0, -1.0, 0.0)
 
 
 def _spectrum_matrix(spectrum, seed):
