@@ -357,6 +357,17 @@ def memory_growth(data_root: str | None) -> dict[str, int]:
     return growth
 
 
+def positive_steps(text: str) -> tuple[int, ...]:
+    """Parse "1,5,20" into (1, 5, 20) for argparse, rejecting anything but integers >= 1."""
+    try:
+        gaps = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        gaps = ()
+    if not gaps or min(gaps) < 1:
+        raise argparse.ArgumentTypeError(f"invalid gaps {text!r}: expected integers >= 1 separated by commas, like 1,5,20")
+    return gaps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", help="folder holding cifar-10-batches-py/ (default: random images)")
@@ -369,10 +380,13 @@ def main() -> None:
                         help="full-batch gradient descent steps before its warm-start measurements")
     parser.add_argument("--compare-starts", action="store_true",
                         help="only compare warm starts with gradient starts under minibatch SGD, counting products")
-    parser.add_argument("--start-gaps", default="1,1,1,5,5,5,20",
-                        help="with --compare-starts: SGD steps before each solve, comma-separated")
+    parser.add_argument("--start-gaps", type=positive_steps, default=(1, 1, 1, 5, 5, 5, 20),
+                        help="with --compare-starts: SGD steps before each solve, comma-separated "
+                             "(default 1,1,1,5,5,5,20)")
     parser.add_argument("--memory-child", choices=MEMORY_CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.start_gaps != parser.get_default("start_gaps") and not args.compare_starts:
+        parser.error("--start-gaps applies only with --compare-starts")
     if args.memory_child:
         memory_child(args.memory_child, args.data_root)
         return
@@ -382,8 +396,7 @@ def main() -> None:
     print(f"CIFAR-ResNet-20, batch {len(targets)}, {'real CIFAR-10 images' if args.data_root else 'random images'}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     if args.compare_starts:
-        gaps = tuple(int(gap) for gap in args.start_gaps.split(","))
-        compare_starts(model, loss_fn, inputs, targets, optimizer, next_batch, gaps)
+        compare_starts(model, loss_fn, inputs, targets, optimizer, next_batch, args.start_gaps)
         return
 
     reference = ours_vector(model, loss_fn, inputs, targets, "double_backward")

@@ -384,7 +384,8 @@ class EigenEstimate:
     ``eigenvalues`` lists the top-k estimates in decreasing order when k > 1.
     ``lambda_refined`` is λ_max plus a second-order correction from the residual
     (:func:`refined_lower_bound`), often within 1e-3 of λ_max a product or two
-    before λ_max itself; NaN where no residual is known.
+    before λ_max itself. It equals λ_max where the residual is not finite, and is NaN
+    from the pyhessian backend, which reports no residual.
     """
 
     lambda_max: float
@@ -415,15 +416,15 @@ def refined_lower_bound(theta: float, residual: float, floor: float) -> float:
     θ − L + r²/(θ − L), and no Rayleigh quotient of M exceeds λ_max − L. So
     θ + r²/(θ − L) is a lower bound on λ_max, never below θ, and its error is of second
     order in r where θ's is of first order in r²/gap. With L = 0 it is ‖Hu‖²/(uᵀHu).
-    A floor above the true bottom of the spectrum can push the value past λ_max. The
-    correction is capped at r, so such an overshoot stays within one residual.
-    Returns θ unchanged when θ ≤ L or r is not finite.
+    A floor above the true bottom of the spectrum can push the value past λ_max, by
+    less than r. Returns θ unchanged when r is not finite or r ≥ θ − L: u is then too far
+    from an eigenvector for the correction to mean anything.
     """
     if residual < 0:
         raise ValueError(f"invalid residual={residual}: a residual norm ‖Hu − θu‖ is >= 0")
-    if not (math.isfinite(residual) and theta > floor):
+    if not (math.isfinite(residual) and residual < theta - floor):
         return theta
-    return theta + min(residual, residual**2 / (theta - floor))
+    return theta + residual * (residual / (theta - floor))  # the ratio is < 1, so no overflow
 
 
 def _random_start(dim: int, generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
@@ -453,7 +454,9 @@ def lanczos(
     space; without it a Gaussian vector is drawn from ``generator``. ``callback(j, θ, refined)``
     receives the top Ritz value and its refined value after each product (benchmarks use it).
     ``floor`` is a lower bound on the spectrum for ``lambda_refined``; by default
-    min(0, smallest Ritz value), exact when the Hessian has no eigenvalue below it.
+    min(0, smallest Ritz value). That default is a true lower bound only for a positive
+    semi-definite Hessian or once the smallest Ritz value has converged. Otherwise an
+    unconverged solve's ``lambda_refined`` can exceed λ_max (by less than the residual).
     """
     if max_iter < 1 or k < 1:
         raise ValueError(f"invalid max_iter={max_iter} or k={k}: expected integers >= 1")
@@ -563,11 +566,16 @@ def power_iteration(
     Plain power iteration converges to the eigenvalue of largest magnitude. When that
     one is negative, or the iteration does not converge (for example λ_max = −λ_min),
     the second phase iterates on H + s·I with s the largest ‖Hv‖ seen, which makes the
-    spectrum non-negative and λ_max + s dominant. ``max_iter`` bounds each phase.
+    spectrum non-negative and λ_max + s dominant when s ≥ |λ_min| (s ≤ ‖H‖, so a few
+    products can leave it short). ``max_iter`` bounds each phase.
     ``floor`` is the spectrum's lower bound for ``lambda_refined``: by default 0, or −s
-    after a shifted phase.
+    after a shifted phase. Neither default is a true bound for an indefinite Hessian,
+    so an unconverged estimate's ``lambda_refined`` can then exceed λ_max.
     """
     start = (start if start is not None else _random_start(dim, generator, device)).to(device=device, dtype=torch.float64)
+    norm = start.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise ValueError("the start vector of power iteration must be finite and non-zero")
     theta, v, used, residual, converged, spectral = _power(operator, start, 0.0, max_iter, tol)
     total, shift = used, 0.0
     if not converged or theta < 0:

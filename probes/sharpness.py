@@ -122,6 +122,7 @@ class SharpnessProbe(Callback):
         # |cos| between the last two eigenvectors, per preconditioning; NaN before the second solve.
         self.cosine: dict[bool, float] = {False: math.nan, True: math.nan}
         self.last_start = ""
+        self._step_rows: tuple[int, list[dict]] = (-1, [])  # (step, rows) of the latest step-cadence solve
         self.last: EigenEstimate | None = None
         self.disabled_reason = ""
         self.estimates = 0
@@ -245,12 +246,14 @@ class SharpnessProbe(Callback):
 
     def after_step(self, state: TrainState) -> None:
         if self.every_steps and state.step % self.every_steps == 0:
-            self._record(state)
+            self._step_rows = (state.step, self._record(state))
 
     def on_epoch_end(self, state: TrainState) -> None:
         due = self.every_epochs and state.epoch % self.every_epochs == 0
         if due or state.epoch == state.epochs:
-            rows = self._record(state)
+            step, rows = self._step_rows
+            if step != state.step:  # else the step cadence has just measured these same parameters
+                rows = self._record(state)
             if rows:
                 state.epoch_row["lambda_max"] = rows[0]["lambda_max"]
 

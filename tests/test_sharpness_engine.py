@@ -66,8 +66,10 @@ def test_refined_value_by_hand():
         assert estimate.residual == pytest.approx(1.0)
         assert estimate.lambda_refined == pytest.approx(2.5)
     assert refined_lower_bound(2.0, 1.0, -1.0) == pytest.approx(2.0 + 1.0 / 3.0)
-    assert refined_lower_bound(2.0, 3.0, 0.0) == pytest.approx(5.0)  # r²/θ = 4.5 is capped at r
+    assert refined_lower_bound(2.0, 3.0, 0.0) == 2.0  # r ≥ θ − L: too far from an eigenvector
     assert refined_lower_bound(-1.0, 1.0, 0.0) == -1.0  # θ at or below the floor: nothing to add
+    assert refined_lower_bound(1e300, 1e200, -1e300) == pytest.approx(1e300 + 5e99)  # no overflow
+    assert refined_lower_bound(1.0, 1e200, 0.0) == 1.0
     with pytest.raises(ValueError, match="invalid residual=-1.0"):
         refined_lower_bound(2.0, -1.0, 0.0)
 
@@ -109,16 +111,40 @@ def test_refined_value_indefinite_with_floor():
     trace = _steps(matrix, start, floor=-3.0)
     for theta, refined in trace:
         assert theta - 1e-9 <= refined <= 12.0 + 1e-9
-    assert trace[0][1] > trace[0][0] + 1e-3
+    assert trace[1][1] > trace[1][0] + 1e-3  # the second step is close enough for a correction
 
 
-def test_refined_value_capped_wrong_floor():
+def test_refined_value_skipped_far_from_eigenvector():
     """diag(4, −4, 1) from (1, 1, 1): θ = 1/3, r² = 98/9; the default floor 0 lies above −4,
-    so r²/θ = 32.7 would overshoot λ_max = 4 eightfold. The cap keeps θ + r."""
+    so r²/θ = 32.7 would overshoot λ_max = 4 eightfold. With r ≥ θ − L the value stays θ."""
     matrix = _matrix((4.0, -4.0, 1.0))
     estimate = lanczos(lambda v: matrix @ v, 3, max_iter=1, tol=1e-12, start=torch.ones(3, dtype=torch.float64))
     assert estimate.lambda_max == pytest.approx(1.0 / 3.0)
-    assert estimate.lambda_refined == pytest.approx(1.0 / 3.0 + (98.0 / 9.0) ** 0.5)
+    assert estimate.residual == pytest.approx((98.0 / 9.0) ** 0.5)
+    assert estimate.lambda_refined == estimate.lambda_max
+
+
+@pytest.mark.parametrize("start", [torch.zeros(3), torch.full((3,), float("nan"))])
+def test_power_iteration_rejects_bad_start(start):
+    matrix = _matrix((3.0, 2.0, 1.0))
+    with pytest.raises(ValueError, match="must be finite and non-zero"):
+        power_iteration(lambda v: matrix @ v, 3, start=start)
+
+
+def test_probe_solves_once_when_cadences_meet():
+    """With every_steps dividing the epoch, the epoch-end measurement reuses the step's rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    inputs, targets = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    optimizer = DeltaGClip(torch.optim.SGD(model.parameters(), lr=0.05), gamma=1.0, delta=0.5)
+    probe = SharpnessProbe(inputs, targets, every_epochs=1, every_steps=2, max_iter=30, tol=1e-4)
+    loader = TensorLoader(inputs, targets, 16)  # 2 steps per epoch
+    result = Trainer(model, nn.CrossEntropyLoss(), loader, loader, optimizer, TrainConfig(3, progress=False), [probe]).fit()
+    steps = [row["step"] for row in result.recorder.rows("sharpness")]
+    assert steps == [2, 4, 6]
+    assert probe.estimates == 3
+    assert [row["lambda_max"] for row in result.recorder.rows("epochs")] == [
+        row["lambda_max"] for row in result.recorder.rows("sharpness")]
 
 
 def test_refined_value_network_eigvalsh():
