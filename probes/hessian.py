@@ -427,6 +427,17 @@ def refined_lower_bound(theta: float, residual: float, floor: float) -> float:
     return theta + residual * (residual / (theta - floor))  # the ratio is < 1, so no overflow
 
 
+def _checked_product(operator: Operator, vector: torch.Tensor, step: int) -> torch.Tensor:
+    """Apply ``operator``, raising a clear error when the Hessian-vector product is not finite."""
+    product = operator(vector)
+    if not bool(torch.isfinite(product).all()):
+        raise FloatingPointError(
+            f"the Hessian-vector product at step {step} of the eigenvalue solve is not finite (inf or NaN); "
+            "check that the loss and the parameters are finite, for example that training has not diverged"
+        )
+    return product
+
+
 def _random_start(dim: int, generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
     return torch.randn(dim, generator=generator, dtype=torch.float64).to(device)
 
@@ -473,7 +484,7 @@ def lanczos(
     betas: list[float] = []
     converged = False
     for j in range(steps):
-        w = operator(basis[j])
+        w = _checked_product(operator, basis[j], j + 1)
         alpha = torch.dot(basis[j], w)
         w = w - alpha * basis[j]
         if j > 0:
@@ -537,7 +548,7 @@ def _power(operator: Operator, start: torch.Tensor, shift: float, max_iter: int,
     v = start / start.norm()
     theta, residual, spectral = math.nan, math.inf, 0.0
     for used in range(1, max_iter + 1):
-        hv = operator(v)
+        hv = _checked_product(operator, v, used)
         spectral = max(spectral, hv.norm().item())
         theta = torch.dot(v, hv).item()  # Rayleigh quotient of H
         residual = (hv - theta * v).norm().item()

@@ -131,6 +131,15 @@ def test_power_iteration_rejects_bad_start(start):
         power_iteration(lambda v: matrix @ v, 3, start=start)
 
 
+@pytest.mark.parametrize("solve", [lanczos, power_iteration])
+def test_non_finite_product_raises_clear_error(solve):
+    def product(v):
+        return torch.where(torch.arange(len(v)) == 1, torch.nan, 2.0 * v)
+
+    with pytest.raises(FloatingPointError, match="at step 1 .* is not finite"):
+        solve(product, 3, start=torch.ones(3, dtype=torch.float64))
+
+
 def test_probe_solves_once_when_cadences_meet():
     """With every_steps dividing the epoch, the epoch-end measurement reuses the step's rows."""
     torch.manual_seed(0)
