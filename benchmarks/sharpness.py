@@ -193,7 +193,7 @@ def compare_starts(model, loss_fn, inputs, targets, optimizer, next_batch, gaps=
     """Print the products to 1e-3 from the previous eigenvector and from the loss gradient.
 
     Trains minibatch SGD for each gap in ``gaps`` and solves after each, so every row
-    compares both starts on the same Hessian. Its rows set the |cos| threshold of
+    compares both starts on the same Hessian. These counts chose the |cos| threshold of
     ``SharpnessProbe(start="auto")``.
     """
     previous = ours_vector(model, loss_fn, inputs, targets, "double_backward")

@@ -126,6 +126,7 @@ def test_refined_value_skipped_far_from_eigenvector():
 
 @pytest.mark.parametrize("start", [torch.zeros(3), torch.full((3,), float("nan"))])
 def test_power_iteration_rejects_bad_start(start):
+    """The fault: a zero or NaN start made every Rayleigh quotient NaN, returned without an error."""
     matrix = _matrix((3.0, 2.0, 1.0))
     with pytest.raises(ValueError, match="must be finite and non-zero"):
         power_iteration(lambda v: matrix @ v, 3, start=start)
@@ -133,6 +134,7 @@ def test_power_iteration_rejects_bad_start(start):
 
 @pytest.mark.parametrize("solve", [lanczos, power_iteration])
 def test_non_finite_product_raises_clear_error(solve):
+    """The fault: Lanczos failed inside eigh with torch's LinAlgError, and power iteration returned NaN."""
     def product(v):
         return torch.where(torch.arange(len(v)) == 1, torch.nan, 2.0 * v)
 
@@ -141,7 +143,11 @@ def test_non_finite_product_raises_clear_error(solve):
 
 
 def test_probe_solves_once_when_cadences_meet():
-    """With every_steps dividing the epoch, the epoch-end measurement reuses the step's rows."""
+    """With every_steps dividing the epoch, the epoch-end measurement reuses the step's rows.
+
+    The fault: the epoch end solved again at the step just measured, writing duplicate
+    rows and a trivial |cos| of 1 between two eigenvectors of the same Hessian.
+    """
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     inputs, targets = torch.randn(32, 4), torch.randint(0, 3, (32,))
