@@ -408,7 +408,7 @@ class EigenEstimate:
 
 
 def refined_lower_bound(theta: float, residual: float, floor: float) -> float:
-    """Return θ + min(r, r²/(θ − L)), an estimate of λ_max closer than the Rayleigh quotient θ.
+    """Return θ + r²/(θ − L), an estimate of λ_max closer than the Rayleigh quotient θ, or θ when r ≥ θ − L.
 
     For a unit vector u with Rayleigh quotient θ and residual r = ‖Hu − θu‖, and a floor
     L at or below every eigenvalue of H, the matrix M = H − L·I is positive
@@ -432,14 +432,28 @@ def _checked_product(operator: Operator, vector: torch.Tensor, step: int) -> tor
     product = operator(vector)
     if not bool(torch.isfinite(product).all()):
         raise FloatingPointError(
-            f"the Hessian-vector product at step {step} of the eigenvalue solve is not finite (inf or NaN); "
-            "check that the loss and the parameters are finite, for example that training has not diverged"
+            f"the Hessian-vector product at step {step} of the eigenvalue solve is not finite (inf or NaN). "
+            "Check that the loss and the parameters are finite, for example that training has not diverged"
         )
     return product
 
 
 def _random_start(dim: int, generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
     return torch.randn(dim, generator=generator, dtype=torch.float64).to(device)
+
+
+def _unit_start(start: torch.Tensor | None, dim: int, generator: torch.Generator | None,
+                device: torch.device | str, solver: str) -> torch.Tensor:
+    """Return ``start`` (a Gaussian vector when None) normalized, in float64 on ``device``.
+
+    Raises ValueError naming ``solver`` when the vector is zero or not finite.
+    """
+    vector = (start if start is not None else _random_start(dim, generator, device)).to(device=device, dtype=torch.float64)
+    norm = vector.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise ValueError(f"the start vector of {solver} must be finite and non-zero, not of norm {norm.item()}. "
+                         "Pass such a vector, or None for a Gaussian one")
+    return vector / norm
 
 
 def lanczos(
@@ -471,15 +485,12 @@ def lanczos(
     """
     if max_iter < 1 or k < 1:
         raise ValueError(f"invalid max_iter={max_iter} or k={k}: expected integers >= 1")
-    q = (start if start is not None else _random_start(dim, generator, device)).to(device=device, dtype=torch.float64)
-    norm = q.norm()
-    if not torch.isfinite(norm) or norm == 0:
-        raise ValueError("the start vector of Lanczos must be finite and non-zero")
+    q = _unit_start(start, dim, generator, device, "Lanczos")
     steps = min(max_iter, dim)
     # Rows grow by doubling: a solve usually stops far below max_iter, and a full
     # (max_iter, dim) block would cost a large allocation on every call.
     basis = torch.empty(min(steps, 8), dim, dtype=torch.float64, device=device)
-    basis[0] = q / norm
+    basis[0] = q
     alphas: list[float] = []
     betas: list[float] = []
     converged = False
@@ -583,10 +594,7 @@ def power_iteration(
     after a shifted phase. Neither default is a true bound for an indefinite Hessian,
     so an unconverged estimate's ``lambda_refined`` can then exceed λ_max.
     """
-    start = (start if start is not None else _random_start(dim, generator, device)).to(device=device, dtype=torch.float64)
-    norm = start.norm()
-    if not torch.isfinite(norm) or norm == 0:
-        raise ValueError("the start vector of power iteration must be finite and non-zero")
+    start = _unit_start(start, dim, generator, device, "power iteration")
     theta, v, used, residual, converged, spectral = _power(operator, start, 0.0, max_iter, tol)
     total, shift = used, 0.0
     if not converged or theta < 0:
