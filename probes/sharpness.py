@@ -97,7 +97,6 @@ class SharpnessProbe(Callback):
             (hvp_method in HVP_METHODS, "hvp_method", hvp_method, HVP_METHODS),
             (estimator in ESTIMATORS, "estimator", estimator, ESTIMATORS),
             (backend in BACKENDS, "backend", backend, BACKENDS),
-            (start in STARTS, "start", start, STARTS),
         ]
         for ok, name, value, allowed in checks:
             if not ok:
@@ -117,7 +116,7 @@ class SharpnessProbe(Callback):
         self.group = group  # torch.distributed: each rank passes its part of the sharpness batch
         self._batch_size: int | None = None
         self.generator = torch.Generator().manual_seed(seed)
-        self.start = start
+        self.start = start  # checked by the setter, here and on later assignments
         self.previous: dict[bool, torch.Tensor | None] = {False: None, True: None}
         # |cos| between the last two eigenvectors, per preconditioning; NaN before the second solve.
         self.cosine: dict[bool, float] = {False: math.nan, True: math.nan}
@@ -171,6 +170,17 @@ class SharpnessProbe(Callback):
                     estimate.lambda_max, estimate.hvp_count, estimate.residual, self.tol,
                 )
         return estimate
+
+    @property
+    def start(self) -> str:
+        """Start vector of each solve after the first: one of ``STARTS`` (see the class docstring)."""
+        return self._start
+
+    @start.setter
+    def start(self, value: str) -> None:
+        if value not in STARTS:
+            raise ValueError(f"invalid start={value!r}: expected one of {STARTS}")
+        self._start = value
 
     def _start_vector(self, preconditioned: bool) -> torch.Tensor | None:
         """Return the vector that starts the next solve, or None for the loss gradient."""

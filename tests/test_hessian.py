@@ -194,3 +194,8 @@ def test_sharpness_probe_rejects_unknown_start():
     model, inputs, targets = _tiny_problem()
     with pytest.raises(ValueError, match="invalid start='warm'"):
         SharpnessProbe(inputs, targets, start="warm")
+    # Set after construction, a typo used to fall through to the previous eigenvector.
+    probe = SharpnessProbe(inputs, targets, start="gradient")
+    with pytest.raises(ValueError, match="invalid start='gradeint'"):
+        probe.start = "gradeint"
+    assert probe.start == "gradient"
