@@ -18,9 +18,12 @@ Prints ratios measured in one run (absolute times on a shared machine mean littl
   per path divided by pyhessian's.
 
 Both estimators see the same 128-image batch with BatchNorm in eval mode, the only
-mode pyhessian supports. Usage:
+mode pyhessian supports. The training between solves runs in float64, so that the
+problem instance (printed as the reference λ_max and λ2) depends on ``--seed`` and not
+on the machine's convolution kernels; the solves run in float32. Usage:
 
-    python benchmarks/sharpness.py [--data-root DIR_WITH_cifar-10-batches-py] [--repeats 3]
+    python benchmarks/sharpness.py [--data-root DIR_WITH_cifar-10-batches-py] [--repeats 3] [--seed 0]
+    python benchmarks/sharpness.py --data-root DIR --cold-only --seed 1   # cold starts only, another instance
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dynamics.data import TensorLoader, load_cifar10_dataset  # noqa: E402
 from dynamics.models import CifarResNet  # noqa: E402
-from probes.hessian import HessianOperator, lanczos, solve_mode  # noqa: E402
+from probes.hessian import STOP_RULES, HessianOperator, lanczos, solve_mode  # noqa: E402
 from probes.linearized import cached_split_product  # noqa: E402
 
 ACCURACY = 1e-3
@@ -66,9 +69,43 @@ def median(values) -> float:
     return values[len(values) // 2]
 
 
+class Training:
+    """Train a float64 copy of ``model`` and mirror its parameters and buffers into ``model`` (float32).
+
+    The benchmark's training is chaotic. In float32, switching the convolution kernels
+    (mkldnn off) changed the parameters by 3.6% after the 15 warm-up steps, so runs 1-9
+    in RESULTS.md measured a different instance on each machine. In float64 a relative
+    perturbation of 1e-12 grew to 1e-3 over those 15 steps, so rounding differences of
+    about 1e-16 leave the instance at step 15 the same to about 1e-7. The solves being
+    timed run on ``model`` in float32, which keeps its identity, and with it the cached
+    forward-over-reverse trace, across training steps.
+    NOTE: the hundreds of minibatch steps before the later warm start amplify even
+    float64 rounding, so that measurement may still differ between machines.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn, make_optimizer, next_batch, master: nn.Module | None = None) -> None:
+        self.model = model
+        self.master = copy.deepcopy(model).double() if master is None else master
+        self.optimizer = make_optimizer(self.master.parameters())
+        self.loss_fn, self.next_batch = loss_fn, next_batch
+
+    def steps(self, count: int) -> None:
+        self.master.train()
+        for _ in range(count):
+            x, y = self.next_batch()
+            self.optimizer.zero_grad()
+            self.loss_fn(self.master(x.double()), y).backward()
+            self.optimizer.step()
+        self.model.load_state_dict(self.master.state_dict())  # copy_ casts to float32
+
+    def branch(self, make_optimizer, next_batch) -> Training:
+        """Return a new ``Training`` from the current state (optimizer state aside), on copies of both models."""
+        return Training(copy.deepcopy(self.model), self.loss_fn, make_optimizer, next_batch, copy.deepcopy(self.master))
+
+
 def make_problem(data_root: str | None, batch: int = 128, seed: int = 0):
-    """Return a ResNet-20 trained for 15 steps, a fixed batch (real CIFAR images when given),
-    its loss, its optimizer and a function that returns the next training batch."""
+    """Return a ResNet-20 trained for 15 steps, its loss, a fixed batch (real CIFAR
+    images when given) and the ``Training`` that goes on from there (SGD with momentum)."""
     torch.manual_seed(seed)
     if data_root:
         dataset = load_cifar10_dataset(data_root)
@@ -80,19 +117,10 @@ def make_problem(data_root: str | None, batch: int = 128, seed: int = 0):
         next_batch = lambda: (torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,)))  # noqa: E731
     inputs, targets = next_batch()
     model = CifarResNet(20)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
-    train_steps(model, loss_fn, optimizer, next_batch, 15)  # leave the random initialization
-    return model, loss_fn, inputs, targets, optimizer, next_batch
-
-
-def train_steps(model, loss_fn, optimizer, next_batch, steps: int) -> None:
-    model.train()
-    for _ in range(steps):
-        x, y = next_batch()
-        optimizer.zero_grad()
-        loss_fn(model(x), y).backward()
-        optimizer.step()
+    training = Training(model, loss_fn, lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9), next_batch)
+    training.steps(15)  # leave the random initialization
+    return model, loss_fn, inputs, targets, training
 
 
 def ours_trace(model, loss_fn, inputs, targets, method, start="gradient", max_iter=80, seed=1):
@@ -134,14 +162,15 @@ def refined(trace):
     return [(seconds, value) for seconds, _, value in trace]
 
 
-def warm_ratios(model, loss_fn, inputs, targets, optimizer, next_batch, gap: int, repeats: int) -> dict:
+def warm_ratios(training: Training, loss_fn, inputs, targets, gap: int, repeats: int) -> dict:
     """Solve, train ``gap`` steps, then time a solve started from the previous eigenvector.
 
     Returns {path: (time to accuracy ÷ pyhessian's, products, relative change of λ_max,
     the same ratio and products for the refined value)}.
     """
+    model = training.model
     previous = ours_vector(model, loss_fn, inputs, targets, "double_backward")
-    train_steps(model, loss_fn, optimizer, next_batch, gap)
+    training.steps(gap)
     moved = ours_vector(model, loss_fn, inputs, targets, "double_backward")
     pyhessian_time = median(
         time_to_accuracy(pyhessian_trace(model, loss_fn, inputs, targets, seed=r), moved.lambda_max)[0]
@@ -156,7 +185,7 @@ def warm_ratios(model, loss_fn, inputs, targets, optimizer, next_batch, gap: int
     return results
 
 
-def warm_chain(model, loss_fn, inputs, targets, optimizer, next_batch, gap: int, rounds: int) -> dict:
+def warm_chain(training: Training, loss_fn, inputs, targets, gap: int, rounds: int) -> dict:
     """Track λ_max every ``gap`` training steps, each solve warm-started from the previous eigenvector.
 
     Each round trains ``gap`` steps, solves tightly for the reference (whose eigenvector
@@ -165,12 +194,13 @@ def warm_chain(model, loss_fn, inputs, targets, optimizer, next_batch, gap: int,
     ratio to pyhessian's time, and per round our products, pyhessian's and λ_max; keys
     starting with ``refined_`` hold the same for the refined value.
     """
+    model = training.model
     model.eval()
     ours_trace(model, loss_fn, inputs, targets, "forward_over_reverse", max_iter=1)  # trace outside the timing
     previous = ours_vector(model, loss_fn, inputs, targets, "double_backward")
     ratios, products, pyhessian_products, lambdas, refined_ratios, refined_products = [], [], [], [], [], []
     for round_index in range(rounds):
-        train_steps(model, loss_fn, optimizer, next_batch, gap)
+        training.steps(gap)
         current = ours_vector(model, loss_fn, inputs, targets, "double_backward")
         pyhessian_time, pyhessian_count = time_to_accuracy(
             pyhessian_trace(model, loss_fn, inputs, targets, seed=round_index), current.lambda_max)
@@ -189,17 +219,18 @@ def warm_chain(model, loss_fn, inputs, targets, optimizer, next_batch, gap: int,
             "refined_ratio": median(refined_ratios), "refined_ratios": refined_ratios, "refined_products": refined_products}
 
 
-def compare_starts(model, loss_fn, inputs, targets, optimizer, next_batch, gaps=(1, 1, 1, 5, 5, 5, 20)) -> None:
+def compare_starts(training: Training, loss_fn, inputs, targets, gaps=(1, 1, 1, 5, 5, 5, 20)) -> None:
     """Print the products to 1e-3 from the previous eigenvector and from the loss gradient.
 
     Trains minibatch SGD for each gap in ``gaps`` and solves after each, so every row
     compares both starts on the same Hessian. These counts chose the |cos| threshold of
     ``SharpnessProbe(start="auto")``.
     """
+    model = training.model
     previous = ours_vector(model, loss_fn, inputs, targets, "double_backward")
     print("minibatch SGD; products to 1e-3 for λ_max (Ritz value) and the refined value:")
     for gap in gaps:
-        train_steps(model, loss_fn, optimizer, next_batch, gap)
+        training.steps(gap)
         current = ours_vector(model, loss_fn, inputs, targets, "double_backward")
         cosine = abs(torch.dot(previous.vector, current.vector).item())
         counts = {}
@@ -256,6 +287,54 @@ def pyhessian_trace(model, loss_fn, inputs, targets, max_iter=200, seed=1):
         for p in model.parameters():
             p.grad = None
     return trace
+
+
+def own_stopping(model, loss_fn, inputs, targets, reference: float, repeats: int) -> dict:
+    """Time a cold solve of each estimator that stops by its own rule, at tolerance 1e-3.
+
+    Ours stops by each rule of ``STOP_RULES``: the residual ‖Hv − θv‖ at most
+    1e-3·|θ| (the probe's default), or the error estimated from it and the gap to the
+    next Ritz value. pyhessian stops when two successive power-iteration values differ
+    by less than 1e-3 relatively. Returns {"ours_<rule>" or "pyhessian": {"seconds":
+    median over ``repeats``, "products": per repeat, "error": largest relative error of λ_max}}.
+    """
+    import pyhessian
+
+    model.eval()
+    ours, theirs = {stop: [] for stop in STOP_RULES}, []
+    for repeat in range(repeats):
+        for stop in STOP_RULES:
+            started = time.perf_counter()
+            with solve_mode(model):
+                operator = HessianOperator(model, loss_fn, inputs, targets, method="forward_over_reverse")
+                estimate = lanczos(operator, operator.dim, max_iter=80, tol=ACCURACY, start=operator.gradient(),
+                                   generator=torch.Generator().manual_seed(repeat), stop=stop)
+                operator.release()
+            ours[stop].append((time.perf_counter() - started, estimate.hvp_count, abs(estimate.lambda_max / reference - 1)))
+        torch.manual_seed(repeat)
+        module = sys.modules["pyhessian.hessian"]
+        original, products = module.hessian_vector_product, []
+
+        def counting(*args, original=original, products=products):
+            products.append(1)
+            return original(*args)
+
+        module.hessian_vector_product = counting
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                started = time.perf_counter()
+                values, _ = pyhessian.hessian(model, loss_fn, data=(inputs, targets), cuda=False).eigenvalues(tol=ACCURACY)
+                seconds = time.perf_counter() - started
+        finally:
+            module.hessian_vector_product = original
+            for p in model.parameters():
+                p.grad = None
+        theirs.append((seconds, len(products), abs(values[0] / reference - 1)))
+    rows = {f"ours_{stop}": runs for stop, runs in ours.items()} | {"pyhessian": theirs}
+    return {name: {"seconds": median(row[0] for row in runs), "products": [row[1] for row in runs],
+                   "error": max(row[2] for row in runs)}
+            for name, runs in rows.items()}
 
 
 def time_to_accuracy(trace, reference):
@@ -328,13 +407,13 @@ def _status_kib(field: str) -> int:
 MEMORY_CASES = ("double_backward", "forward_over_reverse", "pyhessian")
 
 
-def memory_child(case: str, data_root: str | None) -> None:
+def memory_child(case: str, data_root: str | None, seed: int) -> None:
     """Print peak RSS growth (KiB) during one 30-product solve, run in a fresh process (Linux).
 
     An untimed solve first traces the forward-over-reverse split, as happens once per
     run. Freed memory is then handed back to the system, so the growth is the solve's.
     """
-    model, loss_fn, inputs, targets, _, _ = make_problem(data_root)
+    model, loss_fn, inputs, targets, _ = make_problem(data_root, seed=seed)
     model.eval()
     if case == "forward_over_reverse":
         ours_trace(model, loss_fn, inputs, targets, case, max_iter=1)
@@ -348,10 +427,11 @@ def memory_child(case: str, data_root: str | None) -> None:
     print(_status_kib("VmHWM") - before)
 
 
-def memory_growth(data_root: str | None) -> dict[str, int]:
+def memory_growth(data_root: str | None, seed: int) -> dict[str, int]:
     growth = {}
     for case in MEMORY_CASES:
-        command = [sys.executable, __file__, "--memory-child", case] + (["--data-root", data_root] if data_root else [])
+        command = [sys.executable, __file__, "--memory-child", case, "--seed", str(seed)]
+        command += ["--data-root", data_root] if data_root else []
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         growth[case] = int(output)
     return growth
@@ -372,12 +452,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", help="folder holding cifar-10-batches-py/ (default: random images)")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (medians are reported)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the initialization and the data order, which fix the problem instance")
     parser.add_argument("--gap", type=int, default=5, help="SGD steps between a solve and its warm-started successor")
     parser.add_argument("--settle-steps", type=int, default=300,
                         help="SGD steps between the early and the later warm-start measurement")
     parser.add_argument("--gd-lr", type=float, default=0.01, help="step size of the full-batch gradient descent")
     parser.add_argument("--gd-steps", type=int, default=20,
                         help="full-batch gradient descent steps before its warm-start measurements")
+    parser.add_argument("--cold-only", action="store_true",
+                        help="stop after the cold starts (for a quick look at other instances with --seed)")
     parser.add_argument("--compare-starts", action="store_true",
                         help="only compare warm starts with gradient starts under minibatch SGD, counting products")
     parser.add_argument("--start-gaps", type=positive_steps, default=(1, 1, 1, 5, 5, 5, 20),
@@ -388,20 +472,20 @@ def main() -> None:
     if args.start_gaps != parser.get_default("start_gaps") and not args.compare_starts:
         parser.error("--start-gaps applies only with --compare-starts")
     if args.memory_child:
-        memory_child(args.memory_child, args.data_root)
+        memory_child(args.memory_child, args.data_root, args.seed)
         return
     torch.set_num_threads(torch.get_num_threads())
 
-    model, loss_fn, inputs, targets, optimizer, next_batch = make_problem(args.data_root)
+    model, loss_fn, inputs, targets, training = make_problem(args.data_root, seed=args.seed)
     print(f"CIFAR-ResNet-20, batch {len(targets)}, {'real CIFAR-10 images' if args.data_root else 'random images'}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     if args.compare_starts:
-        compare_starts(model, loss_fn, inputs, targets, optimizer, next_batch, args.start_gaps)
+        compare_starts(training, loss_fn, inputs, targets, args.start_gaps)
         return
 
     reference = ours_vector(model, loss_fn, inputs, targets, "double_backward")
-    # λ2 identifies the instance, which can differ between machines. The 15 warm-up
-    # steps are chaotic, so rounding differences between convolution kernels change the state.
+    # λ_max and λ2 identify the instance. Runs 1-9 in RESULTS.md trained in float32 and
+    # measured instances that differed between machines (see Training).
     print(f"reference λ_max {reference.lambda_max:.6g}, λ2 {reference.lambda_2:.6g} (residual "
           f"{reference.residual:.2e}, {reference.hvp_count} products, converged {reference.converged})")
 
@@ -417,23 +501,6 @@ def main() -> None:
                                                reference.lambda_max))
     pyhessian_time = median(s for s, _ in pyhessian_runs)
 
-    # Warm start under full-batch gradient descent on the sharpness batch, the setting
-    # of `eos study sharpness` (Cohen et al., 2021), on a copy of the model.
-    full_batch = copy.deepcopy(model)
-    descent = torch.optim.SGD(full_batch.parameters(), lr=args.gd_lr)
-    same_batch = lambda: (inputs, targets)  # noqa: E731
-    train_steps(full_batch, loss_fn, descent, same_batch, args.gd_steps)
-    chains = {gap: warm_chain(full_batch, loss_fn, inputs, targets, descent, same_batch, gap, args.repeats)
-              for gap in (1, args.gap)}
-    del full_batch, descent
-
-    # Warm start under minibatch SGD with momentum: a few training steps later, start
-    # from the previous eigenvector. Early in training λ_max moves fast; after
-    # --settle-steps more steps it moves less.
-    warm_early = warm_ratios(model, loss_fn, inputs, targets, optimizer, next_batch, args.gap, args.repeats)
-    train_steps(model, loss_fn, optimizer, next_batch, args.settle_steps)
-    warm_settled = warm_ratios(model, loss_fn, inputs, targets, optimizer, next_batch, args.gap, args.repeats)
-
     print(f"\ntime to {ACCURACY:g} relative error (medians of {args.repeats}), divided by pyhessian's "
           f"({[p for _, p in pyhessian_runs]} products of its power iteration):")
     summary = {}
@@ -447,6 +514,35 @@ def main() -> None:
           f"{summary['cold_forward_over_reverse_refined']:.3f}")
     first = (median(s for s, _ in runs["cold_forward_over_reverse"]) + trace_seconds) / pyhessian_time
     print(f"  the same, at the first call of a run (adds the one-time trace): {first:.3f}")
+    stopping = own_stopping(model, loss_fn, inputs, targets, reference.lambda_max, args.repeats)
+    theirs = stopping["pyhessian"]
+    print(f"  stopping by a rule at tolerance {ACCURACY:g} instead (pyhessian: relative change between iterations, "
+          f"{theirs['products']} products, largest error {theirs['error']:.1e}):")
+    for stop in STOP_RULES:
+        ours = stopping[f"ours_{stop}"]
+        summary[f"cold_stop_{stop}"] = ours["seconds"] / theirs["seconds"]
+        print(f"    ours, stop={stop!r}: {ours['products']} products, largest error {ours['error']:.1e}, "
+              f"{summary[f'cold_stop_{stop}']:.3f}")
+    if args.cold_only:
+        print(json.dumps({f"{name}_over_pyhessian": value for name, value in summary.items()}))
+        return
+
+    # Warm start under full-batch gradient descent on the sharpness batch, the setting
+    # of `eos study sharpness` (Cohen et al., 2021), on a copy of the model.
+    full_batch = training.branch(lambda params: torch.optim.SGD(params, lr=args.gd_lr), lambda: (inputs, targets))
+    full_batch.steps(args.gd_steps)
+    chains = {gap: warm_chain(full_batch, loss_fn, inputs, targets, gap, args.repeats)
+              for gap in (1, args.gap)}
+    del full_batch
+
+    # Warm start under minibatch SGD with momentum: a few training steps later, start
+    # from the previous eigenvector. Early in training λ_max moves fast; after
+    # --settle-steps more steps it moves less.
+    warm_early = warm_ratios(training, loss_fn, inputs, targets, args.gap, args.repeats)
+    training.steps(args.settle_steps)
+    warm_settled = warm_ratios(training, loss_fn, inputs, targets, args.gap, args.repeats)
+
+    print(f"\nwarm starts, time to {ACCURACY:g} relative error divided by pyhessian's:")
     settled_step = 15 + 2 * args.gap + args.settle_steps
     for when, warm in ((f"at step {15 + args.gap}", warm_early), (f"at step {settled_step}", warm_settled)):
         for method, (ratio, products, change, refined_ratio, refined_products) in warm.items():
@@ -481,7 +577,7 @@ def main() -> None:
     print(f"  primal part of the split (once per solve; gives the gradient too): {ratios['split_bind']:.2f}")
     print(f"  primal part without the gradient (once per warm-started solve): {ratios['split_bind_lean']:.2f}")
 
-    growth = memory_growth(args.data_root)
+    growth = memory_growth(args.data_root, args.seed)
     memory = {method: growth[method] / max(growth["pyhessian"], 1) for method in ("double_backward", "forward_over_reverse")}
     print(f"\npeak memory growth during a 30-product solve, divided by pyhessian's ({growth['pyhessian']} KiB):")
     for method, ratio in memory.items():
