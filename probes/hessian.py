@@ -18,7 +18,6 @@ Conventions a reader could get wrong:
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -439,10 +438,6 @@ def _checked_product(operator: Operator, vector: torch.Tensor, step: int) -> tor
     return product
 
 
-# Stop rules of :func:`lanczos`: on the residual, or on the eigenvalue error estimated from it.
-STOP_RULES = ("residual", "gap")
-
-
 def _random_start(dim: int, generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
     return torch.randn(dim, generator=generator, dtype=torch.float64).to(device)
 
@@ -472,28 +467,14 @@ def lanczos(
     device: torch.device | str = "cpu",
     callback: Callable[[int, float, float], None] | None = None,
     floor: float | None = None,
-    stop: str = "residual",
 ) -> EigenEstimate:
     """Estimate the k largest algebraic eigenvalues of a symmetric operator by Lanczos.
 
     Every new Lanczos vector is reorthogonalized against all previous ones (twice),
-    so no spurious copies of converged eigenvalues appear. The iteration stops in three
-    cases: each of the top k Ritz pairs meets the ``stop`` rule, the Krylov space
-    becomes invariant, or ``max_iter`` products are spent. ``converged`` is False only
-    in the last case.
-
-    - ``stop="residual"`` (default): residual r = ‖Hv − θv‖ at most ``tol``·|θ|. Some
-      eigenvalue then lies within r of θ, and the eigenvalue error is usually far below
-      ``tol`` (2e-9 to 1.2e-6 for tol 1e-3 on five CIFAR-ResNet-20 instances).
-    - ``stop="gap"``: the estimated eigenvalue error min(r, r²/g) at most ``tol``·|θ|,
-      with g the distance from θ to the nearest other Ritz value less that value's
-      residual (see :func:`_error_estimates`). It needs at least k + 2 products. From
-      the loss gradient on CIFAR-ResNet-20 instances at tol 1e-3 it stopped after 3-5
-      products with errors of 1.1e-5 to 1.1e-4, where the residual rule needed 4-6.
-      NOTE: an unconverged Ritz value below θ is further from θ than the eigenvalue it
-      approximates, so g can overstate the gap and the estimate understate the error,
-      most where λ1 and λ2 are close. After k + 1 products it stopped at an error of
-      1.03e-3 for tol 1e-3 on one instance, hence the k + 2.
+    so no spurious copies of converged eigenvalues appear. The iteration stops when
+    each of the top k Ritz pairs has residual at most ``tol``·|θ|, when the Krylov
+    space becomes invariant, or after ``max_iter`` products; ``converged`` is False
+    only in the last case.
     ``start`` (for example the previous estimate's eigenvector) seeds the Krylov
     space; without it a Gaussian vector is drawn from ``generator``. ``callback(j, θ, refined)``
     receives the top Ritz value and its refined value after each product (benchmarks use it).
@@ -504,8 +485,6 @@ def lanczos(
     """
     if max_iter < 1 or k < 1:
         raise ValueError(f"invalid max_iter={max_iter} or k={k}: expected integers >= 1")
-    if stop not in STOP_RULES:
-        raise ValueError(f"invalid stop={stop!r}: expected one of {STOP_RULES}")
     q = _unit_start(start, dim, generator, device, "Lanczos")
     steps = min(max_iter, dim)
     # Rows grow by doubling: a solve usually stops far below max_iter, and a full
@@ -539,12 +518,7 @@ def lanczos(
             callback(j + 1, values[-1].item(), refined)
         scale = values[-top:].abs().clamp_min(torch.finfo(torch.float64).tiny)
         invariant = beta <= 1e-10 * max(values.abs().max().item(), 1e-300)
-        if stop == "gap":
-            # After k + 1 products the one other Ritz value is a poor estimate of λ2.
-            errors = _error_estimates(values, beta * vectors[-1].abs(), top) if len(alphas) >= k + 2 else None
-        else:
-            errors = residuals if len(alphas) >= k else None
-        if (errors is not None and bool((errors <= tol * scale).all())) or invariant or j + 1 == dim:
+        if (len(alphas) >= k and bool((residuals <= tol * scale).all())) or invariant or j + 1 == dim:
             converged = True
             break
         if j + 1 < steps:
@@ -573,26 +547,11 @@ def lanczos(
     )
 
 
-def _error_estimates(values: torch.Tensor, residuals: torch.Tensor, top: int) -> torch.Tensor:
-    """Return the estimated eigenvalue errors min(r, r²/g) of the ``top`` largest Ritz values.
-
-    ``values`` are all Ritz values in ascending order (at least two) and ``residuals``
-    their residual norms. Some eigenvalue lies within r_j of each θ_j, so the gap of θ_i
-    is taken as g = min over j ≠ i of |θ_i − θ_j| − r_j. Where that is not positive, the
-    estimate is r itself.
-    """
-    distances = (values[:, None] - values[None, :]).abs() - residuals[None, :]
-    distances.fill_diagonal_(math.inf)
-    gaps = distances.min(dim=1).values[-top:].clamp_min(0.0)
-    own = residuals[-top:]
-    return torch.minimum(own, own.square() / gaps)
-
-
 def lanczos_top_eigen(operator: Operator, dim: int, max_iter: int = 50, tol: float = 1e-3,
                       start: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                      device: torch.device | str = "cpu", stop: str = "residual") -> EigenEstimate:
+                      device: torch.device | str = "cpu") -> EigenEstimate:
     """Estimate the largest algebraic eigenvalue by Lanczos (:func:`lanczos` with k = 1)."""
-    return lanczos(operator, dim, 1, max_iter, tol, start, generator, device, stop=stop)
+    return lanczos(operator, dim, 1, max_iter, tol, start, generator, device)
 
 
 def _power(operator: Operator, start: torch.Tensor, shift: float, max_iter: int, tol: float) -> tuple[float, torch.Tensor, int, float, bool, float]:
@@ -678,7 +637,6 @@ def top_eigenvalue(
     estimator: str = "lanczos",
     preconditioner: torch.Tensor | None = None,
     group=None,
-    stop: str = "residual",
 ) -> EigenEstimate:
     """Estimate λ_max of the loss Hessian on one batch, in the model's current mode.
 
@@ -695,24 +653,16 @@ def top_eigenvalue(
     Under ``torch.distributed`` each rank passes its part of the batch and gets the
     estimate for the union (see :class:`HessianOperator`); ``generator`` must then be
     seeded alike on every rank.
-
-    ``stop`` is the stop rule of :func:`lanczos`. Power iteration has only ``"residual"``.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"invalid estimator={estimator!r}: expected one of {ESTIMATORS}")
-    if stop not in STOP_RULES or (estimator == "power" and stop != "residual"):
-        raise ValueError(f"invalid stop={stop!r} for estimator={estimator!r}: expected one of {STOP_RULES} "
-                         "with Lanczos, and 'residual' with power iteration")
     operator = HessianOperator(model, loss_fn, inputs, targets, chunk_size=chunk_size, method=hvp_method, group=group)
     device = operator.params[0].device
     apply: Operator = operator
     if preconditioner is not None:
         scale = preconditioner.to(device=device, dtype=torch.float64).rsqrt()
         apply = lambda v: scale * operator(scale * v)  # noqa: E731
-    if estimator == "lanczos":
-        solve = functools.partial(lanczos_top_eigen, stop=stop)
-    else:
-        solve = power_iteration
+    solve = lanczos_top_eigen if estimator == "lanczos" else power_iteration
     try:
         with solve_mode(model) as record:
             if start is None:

@@ -12,7 +12,7 @@ from dynamics.distributed import sum_over_ranks
 
 from dynamics.events import Callback, TrainState
 from probes.backends import pyhessian_top_eigenvalue
-from probes.hessian import ESTIMATORS, HVP_METHODS, STOP_RULES, EigenEstimate, HessianUnsupportedError, top_eigenvalue
+from probes.hessian import ESTIMATORS, HVP_METHODS, EigenEstimate, HessianUnsupportedError, top_eigenvalue
 from probes.state import preserved_model_state
 from probes.thresholds import adam_preconditioner, adam_threshold, eos_deviation, stability_thresholds
 
@@ -47,11 +47,7 @@ class SharpnessProbe(Callback):
         momentum: heavy-ball β of an SGD optimizer, for the (2+2β)/h threshold.
         bn_mode: ``train`` evaluates BatchNorm with batch statistics, as in the loss the
             optimizer descends; ``eval`` uses running statistics. Buffers are restored.
-        max_iter, tol: budget in Hessian-vector products and relative tolerance of the stop rule.
-        stop: stop rule of the Lanczos solve (see :func:`probes.hessian.lanczos`).
-            ``residual`` (default): ‖Hv − λv‖ ≤ tol·|λ|. ``gap``: the estimated
-            eigenvalue error min(r, r²/g) ≤ tol·|λ|, with g the gap to the next Ritz
-            value, which stops a cold solve about two products earlier. Rows record it (``stop``).
+        max_iter, tol: budget in Hessian-vector products and relative residual tolerance.
         seed: seed of the probe's own generator, for a Gaussian start vector where the
             loss gradient is zero or not finite.
         start: what starts each solve after the first. ``previous``: the previous
@@ -95,21 +91,16 @@ class SharpnessProbe(Callback):
         backend: str = "ours",
         group=None,
         start: str = "auto",
-        stop: str = "residual",
     ) -> None:
         checks = [
             (bn_mode in BN_MODES, "bn_mode", bn_mode, BN_MODES),
             (hvp_method in HVP_METHODS, "hvp_method", hvp_method, HVP_METHODS),
             (estimator in ESTIMATORS, "estimator", estimator, ESTIMATORS),
             (backend in BACKENDS, "backend", backend, BACKENDS),
-            (stop in STOP_RULES, "stop", stop, STOP_RULES),
         ]
         for ok, name, value, allowed in checks:
             if not ok:
                 raise ValueError(f"invalid {name}={value!r}: expected one of {allowed}")
-        if stop != "residual" and (estimator != "lanczos" or backend != "ours"):
-            raise ValueError(f"invalid stop={stop!r} with estimator={estimator!r} and backend={backend!r}: "
-                             "the gap rule needs Lanczos; pass stop='residual' or estimator='lanczos', backend='ours'")
         if every_epochs < 0 or every_steps < 0:
             raise ValueError(f"invalid cadence every_epochs={every_epochs}, every_steps={every_steps}: expected >= 0")
         if backend == "pyhessian" and bn_mode != "eval":
@@ -126,7 +117,6 @@ class SharpnessProbe(Callback):
         self._batch_size: int | None = None
         self.generator = torch.Generator().manual_seed(seed)
         self.start = start  # checked by the setter, here and on later assignments
-        self.stop = stop
         self.previous: dict[bool, torch.Tensor | None] = {False: None, True: None}
         # |cos| between the last two eigenvectors, per preconditioning; NaN before the second solve.
         self.cosine: dict[bool, float] = {False: math.nan, True: math.nan}
@@ -162,7 +152,7 @@ class SharpnessProbe(Callback):
                     max_iter=self.max_iter, tol=self.tol, start=start,
                     generator=self.generator, chunk_size=self.chunk_size, warn=False,
                     hvp_method=self.hvp_method, estimator=self.estimator, preconditioner=preconditioner,
-                    group=self.group, stop=self.stop,
+                    group=self.group,
                 )
                 self.hvp_method = estimate.method.split("/")[-1]  # keep the path "auto" chose
         previous = self.previous[preconditioned]
@@ -226,7 +216,6 @@ class SharpnessProbe(Callback):
             "estimator": estimate.method,
             "start": self.last_start if self.backend == "ours" else "random",
             "eigenvector_cosine": self.cosine[preconditioned],
-            "stop": self.stop if self.backend == "ours" else "relative_change",
         }
 
     def _record(self, state: TrainState) -> list[dict]:
