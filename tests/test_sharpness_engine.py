@@ -188,6 +188,15 @@ def test_lanczos_finds_hidden_top_eigenvalue():
     assert estimate.lambda_max == pytest.approx(1.0, rel=1e-2)
 
 
+@pytest.mark.parametrize("tol", [-1e-3, float("nan"), float("inf")])
+def test_solvers_reject_bad_tolerance(tol):
+    """A negative or NaN tol used to run every product silently, and inf stopped at once."""
+    matrix = _matrix((3.0, 1.0))
+    for solve in (lanczos, power_iteration):
+        with pytest.raises(ValueError, match="invalid tol="):
+            solve(lambda v: matrix @ v, 2, tol=tol)
+
+
 @pytest.mark.parametrize("seed", range(10))
 def test_lanczos_close_top_pair_within_tolerance(seed):
     """λ2 = 0.9·λ1 above a bulk in [0, 0.5], from a Gaussian start: at tol 1e-3 the
