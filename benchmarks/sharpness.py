@@ -76,7 +76,8 @@ class Training:
     (mkldnn off) changed the parameters by 3.6% after the 15 warm-up steps, so runs 1-9
     in RESULTS.md measured a different instance on each machine. In float64 a relative
     perturbation of 1e-12 grew to 1e-3 over those 15 steps, so rounding differences of
-    about 1e-16 leave the instance at step 15 the same to about 1e-7. The solves being
+    about 1e-16 should leave the instance at step 15 the same to about 1e-7 (an
+    estimate, not checked on a second machine). The solves being
     timed run on ``model`` in float32, which keeps its identity, and with it the cached
     forward-over-reverse trace, across training steps.
     NOTE: the hundreds of minibatch steps before the later warm start amplify even
@@ -123,8 +124,10 @@ def make_problem(data_root: str | None, batch: int = 128, seed: int = 0):
     return model, loss_fn, inputs, targets, training
 
 
-def ours_trace(model, loss_fn, inputs, targets, method, start="gradient", max_iter=80, seed=1):
-    """Run Lanczos with tolerance 0 and return [(seconds, Ritz value, refined value)] after each product.
+def ours_trace(model, loss_fn, inputs, targets, method, start="gradient", max_iter=80, seed=1, tol=0.0):
+    """Run Lanczos and return [(seconds, Ritz value, refined value)] after each product.
+
+    With the default ``tol`` of 0 it runs all ``max_iter`` products.
 
     ``start`` is a vector (warm start), ``"gradient"`` (the estimator's cold-start
     default) or None (a Gaussian vector).
@@ -136,7 +139,7 @@ def ours_trace(model, loss_fn, inputs, targets, method, start="gradient", max_it
         operator = HessianOperator(model, loss_fn, inputs, targets, method=method)
         if isinstance(start, str):
             start = operator.gradient()
-        lanczos(operator, operator.dim, max_iter=max_iter, tol=0.0, start=start,
+        lanczos(operator, operator.dim, max_iter=max_iter, tol=tol, start=start,
                 generator=torch.Generator().manual_seed(seed),
                 callback=lambda j, theta, refined: trace.append((time.perf_counter() - started, theta, refined)))
         operator.release()
@@ -260,8 +263,13 @@ def first_call_seconds(model, loss_fn, inputs, targets) -> float:
     return timings[0] - timings[1]
 
 
-def pyhessian_trace(model, loss_fn, inputs, targets, max_iter=200, seed=1):
-    """Run pyhessian's power iteration and return [(seconds, estimate)] after each product."""
+def pyhessian_solve(model, loss_fn, inputs, targets, max_iter=200, tol=1e-7, seed=1) -> tuple[list, float, float]:
+    """Run pyhessian's power iteration, which stops when two successive values differ
+    by less than ``tol`` relatively.
+
+    Returns [(seconds, estimate)] after each product, the λ_max it returns and the
+    seconds of the whole call.
+    """
     import pyhessian
 
     module = sys.modules["pyhessian.hessian"]
@@ -281,54 +289,37 @@ def pyhessian_trace(model, loss_fn, inputs, targets, max_iter=200, seed=1):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             engine = pyhessian.hessian(model, loss_fn, data=(inputs, targets), cuda=False)
-            engine.eigenvalues(maxIter=max_iter, tol=1e-7)
+            values, _ = engine.eigenvalues(maxIter=max_iter, tol=tol)
+        seconds = time.perf_counter() - started
     finally:
         module.hessian_vector_product = original
         for p in model.parameters():
             p.grad = None
-    return trace
+    return trace, values[0], seconds
+
+
+def pyhessian_trace(model, loss_fn, inputs, targets, max_iter=200, seed=1):
+    """Run pyhessian's power iteration and return [(seconds, estimate)] after each product."""
+    return pyhessian_solve(model, loss_fn, inputs, targets, max_iter=max_iter, seed=seed)[0]
 
 
 def own_stopping(model, loss_fn, inputs, targets, reference: float, repeats: int) -> dict:
     """Time a cold solve of each estimator that stops by its own rule, at tolerance 1e-3.
 
-    Ours stops when the residual ‖Hv − θv‖ is at most 1e-3·|θ|, as the probe does.
-    pyhessian stops when two successive power-iteration values differ by less than
-    1e-3 relatively. Returns {"ours" or "pyhessian": {"seconds": median over
-    ``repeats``, "products": per repeat, "error": largest relative error of λ_max}}.
+    Ours starts from the loss gradient and stops when the residual ‖Hv − θv‖ is at most
+    1e-3·|θ|, as the probe does. pyhessian stops when two successive power-iteration
+    values differ by less than 1e-3 relatively. Returns {"ours" or "pyhessian":
+    {"seconds": median over ``repeats``, "products": per repeat, "error": largest
+    relative error of λ_max}}.
     """
-    import pyhessian
-
-    model.eval()
     ours, theirs = [], []
     for repeat in range(repeats):
         started = time.perf_counter()
-        with solve_mode(model):
-            operator = HessianOperator(model, loss_fn, inputs, targets, method="forward_over_reverse")
-            estimate = lanczos(operator, operator.dim, max_iter=80, tol=ACCURACY, start=operator.gradient(),
-                               generator=torch.Generator().manual_seed(repeat))
-            operator.release()
-        ours.append((time.perf_counter() - started, estimate.hvp_count, abs(estimate.lambda_max / reference - 1)))
-        torch.manual_seed(repeat)
-        module = sys.modules["pyhessian.hessian"]
-        original, products = module.hessian_vector_product, []
-
-        def counting(*args, original=original, products=products):
-            products.append(1)
-            return original(*args)
-
-        module.hessian_vector_product = counting
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                started = time.perf_counter()
-                values, _ = pyhessian.hessian(model, loss_fn, data=(inputs, targets), cuda=False).eigenvalues(tol=ACCURACY)
-                seconds = time.perf_counter() - started
-        finally:
-            module.hessian_vector_product = original
-            for p in model.parameters():
-                p.grad = None
-        theirs.append((seconds, len(products), abs(values[0] / reference - 1)))
+        trace = ours_trace(model, loss_fn, inputs, targets, "forward_over_reverse", tol=ACCURACY, seed=repeat)
+        seconds = time.perf_counter() - started
+        ours.append((seconds, len(trace), abs(trace[-1][1] / reference - 1)))  # λ_max is the last Ritz value
+        trace, value, seconds = pyhessian_solve(model, loss_fn, inputs, targets, max_iter=100, tol=ACCURACY, seed=repeat)
+        theirs.append((seconds, len(trace), abs(value / reference - 1)))
     return {name: {"seconds": median(row[0] for row in runs), "products": [row[1] for row in runs],
                    "error": max(row[2] for row in runs)}
             for name, runs in (("ours", ours), ("pyhessian", theirs))}
