@@ -442,8 +442,8 @@ def _random_start(dim: int, generator: torch.Generator | None, device: torch.dev
     return torch.randn(dim, generator=generator, dtype=torch.float64).to(device)
 
 
-def _check_tol(tol: float) -> None:
-    """Raise ValueError unless ``tol`` is a finite number >= 0 (0 runs every product allowed)."""
+def check_tol(tol: float) -> None:
+    """Raise ValueError unless ``tol`` is a finite number >= 0. A tol of 0 never stops a solve early."""
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
         raise ValueError(f"invalid tol={tol!r}: expected a finite number >= 0, such as 1e-3 (relative residual)")
 
@@ -491,7 +491,7 @@ def lanczos(
     """
     if max_iter < 1 or k < 1:
         raise ValueError(f"invalid max_iter={max_iter} or k={k}: expected integers >= 1")
-    _check_tol(tol)
+    check_tol(tol)
     q = _unit_start(start, dim, generator, device, "Lanczos")
     steps = min(max_iter, dim)
     # Rows grow by doubling: a solve usually stops far below max_iter, and a full
@@ -601,7 +601,7 @@ def power_iteration(
     after a shifted phase. Neither default is a true bound for an indefinite Hessian,
     so an unconverged estimate's ``lambda_refined`` can then exceed λ_max.
     """
-    _check_tol(tol)
+    check_tol(tol)
     start = _unit_start(start, dim, generator, device, "power iteration")
     theta, v, used, residual, converged, spectral = _power(operator, start, 0.0, max_iter, tol)
     total, shift = used, 0.0

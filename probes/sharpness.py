@@ -12,7 +12,7 @@ from dynamics.distributed import sum_over_ranks
 
 from dynamics.events import Callback, TrainState
 from probes.backends import pyhessian_top_eigenvalue
-from probes.hessian import ESTIMATORS, HVP_METHODS, EigenEstimate, HessianUnsupportedError, top_eigenvalue
+from probes.hessian import ESTIMATORS, HVP_METHODS, EigenEstimate, HessianUnsupportedError, check_tol, top_eigenvalue
 from probes.state import preserved_model_state
 from probes.thresholds import adam_preconditioner, adam_threshold, eos_deviation, stability_thresholds
 
@@ -101,6 +101,9 @@ class SharpnessProbe(Callback):
         for ok, name, value, allowed in checks:
             if not ok:
                 raise ValueError(f"invalid {name}={value!r}: expected one of {allowed}")
+        if max_iter < 1:
+            raise ValueError(f"invalid max_iter={max_iter}: expected an integer >= 1 (Hessian-vector products per solve)")
+        check_tol(tol)  # the solvers check it too, but only at the first solve, inside training
         if every_epochs < 0 or every_steps < 0:
             raise ValueError(f"invalid cadence every_epochs={every_epochs}, every_steps={every_steps}: expected >= 0")
         if backend == "pyhessian" and bn_mode != "eval":

@@ -199,3 +199,15 @@ def test_sharpness_probe_rejects_unknown_start():
     with pytest.raises(ValueError, match="invalid start='gradeint'"):
         probe.start = "gradeint"
     assert probe.start == "gradient"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"tol": -1e-3}, "invalid tol=-0.001"),
+    ({"tol": float("nan")}, "invalid tol=nan"),
+    ({"max_iter": 0}, "invalid max_iter=0"),
+])
+def test_sharpness_probe_rejects_bad_budget(options, message):
+    """These used to pass construction and fail only at the first solve, inside training."""
+    _, inputs, targets = _tiny_problem()
+    with pytest.raises(ValueError, match=message):
+        SharpnessProbe(inputs, targets, **options)
