@@ -480,7 +480,11 @@ def lanczos(
     so no spurious copies of converged eigenvalues appear. The iteration stops when
     each of the top k Ritz pairs has residual at most ``tol``·|θ|, when the Krylov
     space becomes invariant, or after ``max_iter`` products; ``converged`` is False
-    only in the last case.
+    only in the last case. A space that turns invariant before it holds k Ritz values
+    is extended from a fresh Gaussian vector, so k > 1 from an eigenvector still returns
+    k values. With k Ritz values in hand, an invariant space ends the solve: eigenvectors
+    absent from the start vector stay invisible to any Krylov method, which is why the
+    default start is Gaussian.
     ``start`` (for example the previous estimate's eigenvector) seeds the Krylov
     space; without it a Gaussian vector is drawn from ``generator``. ``callback(j, θ, refined)``
     receives the top Ritz value and its refined value after each product (benchmarks use it).
@@ -525,7 +529,11 @@ def lanczos(
             callback(j + 1, values[-1].item(), refined)
         scale = values[-top:].abs().clamp_min(torch.finfo(torch.float64).tiny)
         invariant = beta <= 1e-10 * max(values.abs().max().item(), 1e-300)
-        if (len(alphas) >= k and bool((residuals <= tol * scale).all())) or invariant or j + 1 == dim:
+        # An invariant space with fewer than k Ritz values (a start on an eigenvector, say)
+        # cannot hold the other eigenvalues asked for: go on from a fresh Gaussian vector
+        # orthogonal to it, with a zero coupling in the tridiagonal matrix.
+        restart = invariant and len(alphas) < k and j + 1 < steps
+        if not restart and ((len(alphas) >= k and bool((residuals <= tol * scale).all())) or invariant or j + 1 == dim):
             converged = True
             break
         if j + 1 < steps:
@@ -533,8 +541,15 @@ def lanczos(
                 grown = torch.empty(min(2 * len(basis), steps), dim, dtype=torch.float64, device=device)
                 grown[: len(basis)] = basis
                 basis = grown
-            basis[j + 1] = w / beta
-            betas.append(beta)
+            if restart:
+                w = _random_start(dim, generator, device)
+                for _ in range(2):
+                    w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+                basis[j + 1] = w / w.norm()
+                betas.append(0.0)
+            else:
+                basis[j + 1] = w / beta
+                betas.append(beta)
 
     used = len(alphas)
     ritz = vectors[:, -1].to(device)

@@ -209,6 +209,20 @@ def test_lanczos_close_top_pair_within_tolerance(seed):
     assert estimate.lambda_max == pytest.approx(1.0, rel=1e-3)
 
 
+@pytest.mark.parametrize("index", [0, 2])
+def test_lanczos_top_two_from_an_eigenvector(index):
+    """From an exact eigenvector the Krylov space is invariant after one product. With
+    k = 2 the solve used to stop there with one value and converged=True."""
+    matrix = _matrix((5.0, 3.0, 1.0, 0.5))
+    start = torch.zeros(4, dtype=torch.float64)
+    start[index] = 1.0
+    estimate = lanczos(lambda v: matrix @ v, 4, k=2, tol=1e-8, start=start,
+                       generator=torch.Generator().manual_seed(0))
+    assert estimate.converged
+    assert estimate.eigenvalues == pytest.approx([5.0, 3.0], rel=1e-8)
+    assert estimate.lambda_2 == pytest.approx(3.0, rel=1e-8)
+
+
 class BatchNormCNN(nn.Module):
     def __init__(self):
         super().__init__()
