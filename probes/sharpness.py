@@ -185,6 +185,16 @@ class SharpnessProbe(Callback):
             raise ValueError(f"invalid start={value!r}: expected one of {STARTS}")
         self._start = value
 
+    def __setstate__(self, state: dict) -> None:
+        """Read pickles of older versions too: ``start`` was a plain attribute, and some
+        attributes did not exist yet (those probes always started from the previous eigenvector)."""
+        state = dict(state)
+        if "start" in state:
+            state["_start"] = state.pop("start")
+        defaults = {"_start": "previous", "cosine": {False: math.nan, True: math.nan}, "last_start": "",
+                    "_step_rows": (-1, [])}
+        self.__dict__.update({**defaults, **state})
+
     def _start_vector(self, preconditioned: bool) -> torch.Tensor | None:
         """Return the vector that starts the next solve, or None for the loss gradient."""
         previous = self.previous[preconditioned]

@@ -1,6 +1,7 @@
 """λ_max estimates against exact values (eigvalsh of the full Hessian) and against pyhessian."""
 
 import math
+import pickle
 import warnings
 
 import pytest
@@ -199,6 +200,22 @@ def test_sharpness_probe_rejects_unknown_start():
     with pytest.raises(ValueError, match="invalid start='gradeint'"):
         probe.start = "gradeint"
     assert probe.start == "gradient"
+
+
+def test_sharpness_probe_reads_pickles_from_before_the_start_property():
+    """Before ``start`` became a checked property it was a plain attribute, and there was
+    no ``_step_rows``: such a pickle used to fail at its first solve (no ``_start``)."""
+    model, inputs, targets = _tiny_problem()
+    probe = SharpnessProbe(inputs, targets, start="gradient")
+    old = probe.__dict__
+    old["start"] = old.pop("_start")
+    del old["_step_rows"]
+    restored = pickle.loads(pickle.dumps(probe))
+    assert restored.start == "gradient"
+    assert restored._start_vector(False) is None  # the first solve starts from the gradient
+    assert restored._step_rows == (-1, [])
+    fresh = pickle.loads(pickle.dumps(SharpnessProbe(inputs, targets, start="previous")))
+    assert fresh.start == "previous"
 
 
 @pytest.mark.parametrize("options, message", [
