@@ -479,12 +479,13 @@ def lanczos(
     Every new Lanczos vector is reorthogonalized against all previous ones (twice),
     so no spurious copies of converged eigenvalues appear. The iteration stops when
     each of the top k Ritz pairs has residual at most ``tol``·|θ|, when the Krylov
-    space becomes invariant, or after ``max_iter`` products; ``converged`` is False
-    only in the last case. A space that turns invariant before it holds k Ritz values
-    is extended from a fresh Gaussian vector, so k > 1 from an eigenvector still returns
-    k values. With k Ritz values in hand, an invariant space ends the solve: eigenvectors
-    absent from the start vector stay invisible to any Krylov method, which is why the
-    default start is Gaussian.
+    space is the whole space, or after ``max_iter`` products; ``converged`` is False
+    only in the last case. When the Krylov space turns invariant before it fills the
+    whole space (a start on an eigenvector or in the span of a few, such as the gradient
+    of a linear least-squares model), the solve goes on from a fresh Gaussian vector
+    orthogonal to it, and stops only once that new block's top Ritz pair has a residual
+    at most ``tol`` times the top value. Invariance is declared at β ≤ 1e-10·max|θ|, so
+    eigenvalues below about 1e-10·‖H‖ are not resolved.
     ``start`` (for example the previous estimate's eigenvector) seeds the Krylov
     space; without it a Gaussian vector is drawn from ``generator``. ``callback(j, θ, refined)``
     receives the top Ritz value and its refined value after each product (benchmarks use it).
@@ -505,6 +506,7 @@ def lanczos(
     alphas: list[float] = []
     betas: list[float] = []
     converged = False
+    block = 0  # index of the first Lanczos vector since the last restart
     for j in range(steps):
         w = _checked_product(operator, basis[j], j + 1)
         alpha = torch.dot(basis[j], w)
@@ -529,11 +531,15 @@ def lanczos(
             callback(j + 1, values[-1].item(), refined)
         scale = values[-top:].abs().clamp_min(torch.finfo(torch.float64).tiny)
         invariant = beta <= 1e-10 * max(values.abs().max().item(), 1e-300)
-        # An invariant space with fewer than k Ritz values (a start on an eigenvector, say)
-        # cannot hold the other eigenvalues asked for: go on from a fresh Gaussian vector
-        # orthogonal to it, with a zero coupling in the tridiagonal matrix.
-        restart = invariant and len(alphas) < k and j + 1 < steps
-        if not restart and ((len(alphas) >= k and bool((residuals <= tol * scale).all())) or invariant or j + 1 == dim):
+        if j + 1 == dim:  # the whole space: the values are exact
+            converged = True
+            break
+        if block > 0:  # since a restart: the newest block's top pair must settle too, at the overall scale
+            block_values, block_vectors = torch.linalg.eigh(tridiagonal[block:, block:])
+            block_settled = beta * abs(block_vectors[-1, -1].item()) <= tol * scale[-1].item()
+        else:
+            block_settled = True
+        if not invariant and len(alphas) >= k and block_settled and bool((residuals <= tol * scale).all()):
             converged = True
             break
         if j + 1 < steps:
@@ -541,12 +547,17 @@ def lanczos(
                 grown = torch.empty(min(2 * len(basis), steps), dim, dtype=torch.float64, device=device)
                 grown[: len(basis)] = basis
                 basis = grown
-            if restart:
+            if invariant:
+                # The Krylov space is invariant but not the whole space (a start on an
+                # eigenvector, or in the span of a few): larger eigenvalues may lie outside
+                # it. Go on from a fresh Gaussian vector orthogonal to it, with a zero
+                # coupling in the tridiagonal matrix, until that block's top value settles.
                 w = _random_start(dim, generator, device)
                 for _ in range(2):
                     w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
                 basis[j + 1] = w / w.norm()
                 betas.append(0.0)
+                block = j + 1
             else:
                 basis[j + 1] = w / beta
                 betas.append(beta)

@@ -223,6 +223,40 @@ def test_lanczos_top_two_from_an_eigenvector(index):
     assert estimate.lambda_2 == pytest.approx(3.0, rel=1e-8)
 
 
+@pytest.mark.parametrize("diagonal, start, k, expected", [
+    ((5.0, 5.0, 3.0, 2.0, 1.0, 0.5), None, 2, [5.0, 5.0]),  # a repeated top value, from a Gaussian start
+    ((7.0, -3.0, 0.0, 0.0, 0.0, 0.0), None, 3, [7.0, 0.0, 0.0]),
+    ((5.0, 4.0, 3.0, 2.0), (1.0, 0.0, 1.0, 0.0), 2, [5.0, 4.0]),  # a start in the span of two eigenvectors
+])
+def test_lanczos_top_k_when_the_krylov_space_turns_invariant(diagonal, start, k, expected):
+    """Once the space held k Ritz values, an invariant space used to end the solve with
+    converged=True, though the eigenvalues outside it were never seen (5, 3 for the first)."""
+    matrix = _matrix(diagonal)
+    start = None if start is None else torch.tensor(start, dtype=torch.float64)
+    estimate = lanczos(lambda v: matrix @ v, len(diagonal), k=k, tol=1e-8, start=start,
+                       generator=torch.Generator().manual_seed(3))
+    assert estimate.converged
+    assert estimate.eigenvalues == pytest.approx(expected, abs=1e-8)
+
+
+def test_lanczos_unconverged_when_max_iter_ends_in_an_invariant_space():
+    matrix = _matrix((5.0, 4.0, 3.0, 2.0))
+    estimate = lanczos(lambda v: matrix @ v, 4, k=2, max_iter=1, start=torch.eye(4, dtype=torch.float64)[0])
+    assert not estimate.converged
+
+
+def test_top_eigenvalue_when_the_gradient_spans_an_invariant_space():
+    """Least squares with H = diag(9, 1) and a gradient along the second axis: the
+    gradient start used to return 1 with converged=True."""
+    model = nn.Linear(2, 1, bias=False).double()
+    nn.init.zeros_(model.weight)
+    inputs = torch.tensor([[3.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    targets = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    estimate = top_eigenvalue(model, nn.MSELoss(), inputs, targets, tol=1e-8, hvp_method="double_backward")
+    assert estimate.converged
+    assert estimate.lambda_max == pytest.approx(9.0, rel=1e-8)
+
+
 class BatchNormCNN(nn.Module):
     def __init__(self):
         super().__init__()
