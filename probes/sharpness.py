@@ -186,14 +186,16 @@ class SharpnessProbe(Callback):
         self._start = value
 
     def __setstate__(self, state: dict) -> None:
-        """Read pickles of older versions too: ``start`` was a plain attribute, and some
-        attributes did not exist yet (those probes always started from the previous eigenvector)."""
+        """Read pickles of older versions too: ``start`` was a plain attribute, and later
+        attributes take their constructor defaults (before ``start`` existed, probes always
+        started from the previous eigenvector). An invalid ``start`` raises ValueError."""
         state = dict(state)
         if "start" in state:
             state["_start"] = state.pop("start")
         defaults = {"_start": "previous", "cosine": {False: math.nan, True: math.nan}, "last_start": "",
-                    "_step_rows": (-1, [])}
+                    "_step_rows": (-1, []), "group": None, "_batch_size": None}
         self.__dict__.update({**defaults, **state})
+        self.start = self._start  # through the setter: versions before it accepted any string
 
     def _start_vector(self, preconditioned: bool) -> torch.Tensor | None:
         """Return the vector that starts the next solve, or None for the loss gradient."""

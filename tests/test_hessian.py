@@ -202,20 +202,32 @@ def test_sharpness_probe_rejects_unknown_start():
     assert probe.start == "gradient"
 
 
-def test_sharpness_probe_reads_pickles_from_before_the_start_property():
-    """Before ``start`` became a checked property it was a plain attribute, and there was
-    no ``_step_rows``: such a pickle used to fail at its first solve (no ``_start``)."""
+def test_sharpness_probe_reads_pickles_from_older_versions():
+    """Before ``start`` became a checked property it was a plain attribute, and older
+    probes had no ``_step_rows``, ``group`` or ``_batch_size``: such pickles used to fail
+    at their first solve with AttributeError."""
     model, inputs, targets = _tiny_problem()
     probe = SharpnessProbe(inputs, targets, start="gradient")
     old = probe.__dict__
     old["start"] = old.pop("_start")
-    del old["_step_rows"]
+    for name in ("_step_rows", "group", "_batch_size"):
+        del old[name]
     restored = pickle.loads(pickle.dumps(probe))
     assert restored.start == "gradient"
     assert restored._start_vector(False) is None  # the first solve starts from the gradient
-    assert restored._step_rows == (-1, [])
+    assert (restored._step_rows, restored.group, restored._batch_size) == ((-1, []), None, None)
     fresh = pickle.loads(pickle.dumps(SharpnessProbe(inputs, targets, start="previous")))
     assert fresh.start == "previous"
+
+
+def test_sharpness_probe_pickle_with_an_invalid_start_raises():
+    """Versions before the setter accepted start='gradeint', which then meant 'previous'."""
+    _, inputs, targets = _tiny_problem()
+    probe = SharpnessProbe(inputs, targets)
+    probe.__dict__["start"] = "gradeint"
+    del probe.__dict__["_start"]
+    with pytest.raises(ValueError, match="invalid start='gradeint'"):
+        pickle.loads(pickle.dumps(probe))
 
 
 @pytest.mark.parametrize("options, message", [
