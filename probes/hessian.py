@@ -333,6 +333,14 @@ def describe_unsupported(model: nn.Module, inputs: torch.Tensor, method: str, er
     Runs the model once with forward hooks and tries double backward through each
     leaf module on its own; only called after a product has failed.
     """
+    if method == "forward_over_reverse" and "ZeroTensors are immutable" in str(error):
+        # torch 2.13's forward-mode AD fails this way inside some twice-differentiable
+        # losses (nn.MSELoss among them): the model is fine, the path is not.
+        return (
+            f"forward-mode differentiation failed inside torch ({error}), a known failure of "
+            "torch.func.jvp with some losses such as nn.MSELoss, not a missing second derivative. "
+            "Use hvp_method='double_backward', or 'auto', which falls back to it"
+        )
     records: list[tuple[str, nn.Module, tuple, object]] = []
     names = {module: name for name, module in model.named_modules()}
 

@@ -362,6 +362,15 @@ def test_mse_loss_falls_back_without_crashing():
     assert result.stdout.strip().endswith("lanczos/double_backward")
 
 
+def test_mse_loss_on_forward_over_reverse_names_the_torch_failure():
+    """The error used to say that the loss had no second derivative, which MSE has."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    with pytest.raises(HessianUnsupportedError, match="hvp_method='double_backward'") as raised:
+        top_eigenvalue(model, nn.MSELoss(), torch.randn(16, 5), torch.randn(16, 3), hvp_method="forward_over_reverse")
+    assert "no second derivative" not in str(raised.value)
+
+
 class SharedSubmodule(nn.Module):
     def __init__(self):
         super().__init__()
