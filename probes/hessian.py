@@ -556,10 +556,8 @@ def lanczos(
                 grown[: len(basis)] = basis
                 basis = grown
             if invariant:
-                # The Krylov space is invariant but not the whole space (a start on an
-                # eigenvector, or in the span of a few): larger eigenvalues may lie outside
-                # it. Go on from a fresh Gaussian vector orthogonal to it, with a zero
-                # coupling in the tridiagonal matrix, until that block's top value settles.
+                # Larger eigenvalues may lie outside an invariant space: go on from a Gaussian
+                # vector orthogonal to it, with a zero coupling in the tridiagonal matrix.
                 w = _random_start(dim, generator, device)
                 for _ in range(2):
                     w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)

@@ -202,7 +202,7 @@ def test_sharpness_probe_rejects_unknown_start():
     assert probe.start == "gradient"
 
 
-def test_sharpness_probe_reads_pickles_from_older_versions():
+def test_probe_reads_old_pickles():
     """Before ``start`` became a checked property it was a plain attribute, and older
     probes had no ``_step_rows``, ``group`` or ``_batch_size``: such pickles used to fail
     at their first solve with AttributeError."""
@@ -220,7 +220,7 @@ def test_sharpness_probe_reads_pickles_from_older_versions():
     assert fresh.start == "previous"
 
 
-def test_sharpness_probe_pickle_with_an_invalid_start_raises():
+def test_probe_pickle_invalid_start():
     """Versions before the setter accepted start='gradeint', which then meant 'previous'."""
     _, inputs, targets = _tiny_problem()
     probe = SharpnessProbe(inputs, targets)

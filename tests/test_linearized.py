@@ -362,7 +362,7 @@ def test_mse_loss_falls_back_without_crashing():
     assert result.stdout.strip().endswith("lanczos/double_backward")
 
 
-def test_mse_loss_on_forward_over_reverse_names_the_torch_failure():
+def test_mse_forward_mode_error_message():
     """The error used to say that the loss had no second derivative, which MSE has."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))

@@ -228,7 +228,7 @@ def test_lanczos_top_two_from_an_eigenvector(index):
     ((7.0, -3.0, 0.0, 0.0, 0.0, 0.0), None, 3, [7.0, 0.0, 0.0]),
     ((5.0, 4.0, 3.0, 2.0), (1.0, 0.0, 1.0, 0.0), 2, [5.0, 4.0]),  # a start in the span of two eigenvectors
 ])
-def test_lanczos_top_k_when_the_krylov_space_turns_invariant(diagonal, start, k, expected):
+def test_lanczos_top_k_invariant_space(diagonal, start, k, expected):
     """Once the space held k Ritz values, an invariant space used to end the solve with
     converged=True, though the eigenvalues outside it were never seen (5, 3 for the first)."""
     matrix = _matrix(diagonal)
@@ -239,13 +239,13 @@ def test_lanczos_top_k_when_the_krylov_space_turns_invariant(diagonal, start, k,
     assert estimate.eigenvalues == pytest.approx(expected, abs=1e-8)
 
 
-def test_lanczos_unconverged_when_max_iter_ends_in_an_invariant_space():
+def test_lanczos_invariant_at_max_iter():
     matrix = _matrix((5.0, 4.0, 3.0, 2.0))
     estimate = lanczos(lambda v: matrix @ v, 4, k=2, max_iter=1, start=torch.eye(4, dtype=torch.float64)[0])
     assert not estimate.converged
 
 
-def test_top_eigenvalue_when_the_gradient_spans_an_invariant_space():
+def test_top_eigenvalue_invariant_gradient():
     """Least squares with H = diag(9, 1) and a gradient along the second axis: the
     gradient start used to return 1 with converged=True."""
     model = nn.Linear(2, 1, bias=False).double()
