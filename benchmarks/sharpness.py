@@ -78,8 +78,10 @@ class Training:
     (mkldnn off) changed the parameters by 3.6% after the 15 warm-up steps, so runs 1-9
     in RESULTS.md measured a different instance on each machine. In float64 a relative
     perturbation of 1e-12 grew to 1e-3 over those 15 steps, so rounding differences of
-    about 1e-16 should leave the instance at step 15 the same to about 1e-7 (an
-    estimate, not checked on a second machine). The solves being
+    about 1e-16 should leave the instance at step 15 the same to about 1e-7. Training
+    with 1 and with 2 threads, whose reductions round differently, gave parameters at
+    step 15 that differed by 1.6e-13 (relative L2 norm); a second machine has not been
+    compared. The solves being
     timed run on ``model`` in float32, which keeps its identity, and with it the cached
     forward-over-reverse trace, across training steps.
     NOTE: the hundreds of minibatch steps before the later warm start amplify even
