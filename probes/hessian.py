@@ -543,7 +543,7 @@ def lanczos(
             converged = True
             break
         if block > 0:  # since a restart: the newest block's top pair must settle too, at the overall scale
-            block_values, block_vectors = torch.linalg.eigh(tridiagonal[block:, block:])
+            _, block_vectors = torch.linalg.eigh(tridiagonal[block:, block:])
             block_settled = beta * abs(block_vectors[-1, -1].item()) <= tol * scale[-1].item()
         else:
             block_settled = True
@@ -632,6 +632,9 @@ def power_iteration(
     ``floor`` is the spectrum's lower bound for ``lambda_refined``: by default 0, or −s
     after a shifted phase. Neither default is a true bound for an indefinite Hessian,
     so an unconverged estimate's ``lambda_refined`` can then exceed λ_max.
+    NOTE: from a start inside an invariant subspace (an eigenvector, or the loss gradient
+    of linear least squares) power iteration converges to that subspace's top eigenvalue
+    and reports it as converged. Lanczos detects that case and looks further.
     """
     check_tol(tol)
     start = _unit_start(start, dim, generator, device, "power iteration")
