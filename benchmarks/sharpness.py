@@ -427,19 +427,32 @@ def positive_steps(text: str) -> tuple[int, ...]:
     return gaps
 
 
+def counting_number(minimum: int):
+    """Return an argparse type that parses an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected an integer >= {minimum}")
+        return value
+    return parse
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", help="folder holding cifar-10-batches-py/ (default: random images)")
-    parser.add_argument("--repeats", type=int, default=3, help="timing repeats (medians are reported)")
+    parser.add_argument("--repeats", type=counting_number(1), default=3, help="timing repeats (medians are reported)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the initialization and the data order, which fix the problem instance")
-    parser.add_argument("--gap", type=int, default=5, help="SGD steps between a solve and its warm-started successor")
-    parser.add_argument("--settle-steps", type=int, default=300,
+    parser.add_argument("--gap", type=counting_number(1), default=5, help="SGD steps between a solve and its warm-started successor")
+    parser.add_argument("--settle-steps", type=counting_number(0), default=300,
                         help="SGD steps between the early and the later warm-start measurements")
-    parser.add_argument("--rounds", type=int, default=6,
+    parser.add_argument("--rounds", type=counting_number(1), default=6,
                         help="warm-started solves in each minibatch SGD stretch (each timed once)")
     parser.add_argument("--gd-lr", type=float, default=0.01, help="step size of the full-batch gradient descent")
-    parser.add_argument("--gd-steps", type=int, default=20,
+    parser.add_argument("--gd-steps", type=counting_number(0), default=20,
                         help="full-batch gradient descent steps before its warm-start measurements")
     parser.add_argument("--cold-only", action="store_true",
                         help="stop after the cold starts (for a quick look at other instances with --seed)")

@@ -1,0 +1,40 @@
+"""Command-line checks of benchmarks/sharpness.py, which no other test imports."""
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "sharpness.py"
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("sharpness_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--rounds", "0"], "argument --rounds: invalid value '0': expected an integer >= 1"),
+    (["--gap", "x"], "argument --gap: invalid value 'x': expected an integer >= 1"),
+    (["--settle-steps", "-1"], "argument --settle-steps: invalid value '-1': expected an integer >= 0"),
+    (["--start-gaps", "1,0"], "invalid gaps '1,0'"),
+])
+def test_benchmark_rejects_bad_options(benchmark, monkeypatch, capsys, options, message):
+    """--rounds 0 used to run the whole cold section and then fail on an empty median."""
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *options])
+    with pytest.raises(SystemExit) as raised:
+        benchmark.main()
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_counting_number_parses_integers(benchmark):
+    assert benchmark.counting_number(0)("0") == 0
+    assert benchmark.counting_number(1)("12") == 12
+    with pytest.raises(argparse.ArgumentTypeError):
+        benchmark.counting_number(1)("1.5")
