@@ -9,10 +9,13 @@ Prints ratios measured in one run (absolute times on a shared machine mean littl
 - the same for warm starts, as a probe tracking λ_max during training runs them: each
   solve starts from the previous solve's eigenvector. Four stretches of training:
   full-batch gradient descent on the sharpness batch with a solve every step and every
-  ``--gap`` steps, and minibatch SGD with momentum with a solve every ``--gap`` steps,
-  from step 15 and ``--settle-steps`` later. Each stretch reports the median ratio
-  over its solves and the ratio of summed times. Each of our solves is timed for λ_max
-  (the Ritz value) and for the refined value ``lambda_refined``, from the same products;
+  ``--gap`` steps (``--repeats`` solves each), and minibatch SGD with momentum with
+  ``--rounds`` solves ``--gap`` steps apart, right after step 15 and again after
+  ``--settle-steps`` more steps. Each stretch reports the median ratio over its solves
+  and the ratio of summed times. Both are times to 1e-3 against the reference, which a
+  probe cannot observe: it stops on its residual, a product or two later. Each of our
+  solves is timed for λ_max (the Ritz value) and for the refined value
+  ``lambda_refined``, from the same products;
 - time of one Hessian-vector product divided by one forward+backward, per path, and
   the one-time costs: building the double-backward graph, tracing the split
   forward-over-reverse product, and running its primal part once per solve;
@@ -41,6 +44,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from statistics import median
 
 import torch
 from torch import nn
@@ -66,11 +70,6 @@ STARTS_LABELS = {
 }
 
 
-def median(values) -> float:
-    values = sorted(values)
-    return values[len(values) // 2]
-
-
 class Training:
     """Train a float64 copy of ``model`` and mirror its parameters and buffers into ``model`` (float32).
 
@@ -82,8 +81,8 @@ class Training:
     with 1 and with 2 threads, whose reductions round differently, gave parameters at
     step 15 that differed by 1.6e-13 (relative L2 norm); a second machine has not been
     compared. The solves being
-    timed run on ``model`` in float32, which keeps its identity, and with it the cached
-    forward-over-reverse trace, across training steps.
+    timed run on ``model`` in float32. It stays the same module object across training
+    steps, so its cached forward-over-reverse trace stays valid.
     NOTE: the hundreds of minibatch steps before the later warm start amplify even
     float64 rounding, so that measurement may still differ between machines.
     """
@@ -181,9 +180,8 @@ def warm_chain(training: Training, loss_fn, inputs, targets, gap: int, rounds: i
     forward-over-reverse solve from the previous round's eigenvector, as a probe
     tracking λ_max during training would run it. Returns per round our products,
     pyhessian's, λ_max and the ratio of times to 1e-3; over the rounds the median ratio
-    and ``total``, our summed time divided by pyhessian's (the cost of tracking λ_max
-    over that stretch of training). Keys starting with ``refined_`` hold the same for
-    the refined value.
+    and ``total``, our summed time to 1e-3 divided by pyhessian's over that stretch of
+    training. Keys starting with ``refined_`` hold the same for the refined value.
     """
     model = training.model
     model.eval()
@@ -519,14 +517,14 @@ def main() -> None:
         print(json.dumps({f"{name}_over_pyhessian": value for name, value in summary.items()}))
         return
 
-    # Warm starts as a probe tracking λ_max during training runs them. Full-batch
-    # gradient descent on the sharpness batch is the setting of `eos study sharpness`
-    # (Cohen et al., 2021); it runs on a copy of the model. Minibatch SGD with momentum
-    # goes on from step 15, where λ_max still moves fast, and again --settle-steps later.
+    # Warm starts along training. Full-batch gradient descent on the sharpness batch is
+    # the training of `eos study sharpness` (Cohen et al., 2021), here on a copy of the
+    # model. Minibatch SGD goes on from step 15, where λ_max moves fast, and again later.
     chains = {}
 
     def track(run: Training, description: str, key: str, gap: int, rounds: int) -> None:
-        label = f"{description}, a solve every {gap} step{'s' if gap > 1 else ''} from step {run.step}"
+        first, last = run.step + gap, run.step + gap * rounds
+        label = f"{description}, {rounds} solves {gap} step{'s' if gap > 1 else ''} apart at steps {first}-{last}"
         chains[label] = (key, warm_chain(run, loss_fn, inputs, targets, gap, rounds))
 
     full_batch = training.branch(lambda params: torch.optim.SGD(params, lr=args.gd_lr), lambda: (inputs, targets))

@@ -493,7 +493,7 @@ def lanczos(
     of a linear least-squares model), the solve goes on from a fresh Gaussian vector
     orthogonal to it, and stops only once that new block's top Ritz pair has a residual
     at most ``tol`` times the top value. Invariance is declared at β ≤ 1e-10·max|θ|, so
-    eigenvalues below about 1e-10·‖H‖ are not resolved.
+    eigenvalues are resolved only to about 1e-10·‖H‖.
     ``start`` (for example the previous estimate's eigenvector) seeds the Krylov
     space; without it a Gaussian vector is drawn from ``generator``. ``callback(j, θ, refined)``
     receives the top Ritz value and its refined value after each product (benchmarks use it).
@@ -630,8 +630,9 @@ def power_iteration(
     spectrum non-negative and λ_max + s dominant when s ≥ |λ_min| (s ≤ ‖H‖, so a few
     products can leave it short). ``max_iter`` bounds each phase.
     ``floor`` is the spectrum's lower bound for ``lambda_refined``: by default 0, or −s
-    after a shifted phase. Neither default is a true bound for an indefinite Hessian,
-    so an unconverged estimate's ``lambda_refined`` can then exceed λ_max.
+    after a shifted phase. For an indefinite Hessian 0 is not a true bound, and −s is one
+    only when s ≥ |λ_min|; otherwise an unconverged estimate's ``lambda_refined`` can
+    exceed λ_max.
     NOTE: from a start inside an invariant subspace (an eigenvector, or the loss gradient
     of linear least squares) power iteration converges to that subspace's top eigenvalue
     and reports it as converged. Lanczos detects that case and looks further.
