@@ -13,7 +13,8 @@ Prints ratios measured in one run (absolute times on a shared machine mean littl
   ``--rounds`` solves ``--gap`` steps apart, right after step 15 and again after
   ``--settle-steps`` more steps. Each stretch reports the median ratio over its solves
   and the ratio of summed times. Both are times to 1e-3 against the reference, which a
-  probe cannot observe: it stops on its residual, a product or two later. Each of our
+  probe cannot observe: it stops on its residual, a product or two later, so each
+  stretch also times both solvers stopping by their own rules at 1e-3. Each of our
   solves is timed for λ_max (the Ritz value) and for the refined value
   ``lambda_refined``, from the same products;
 - time of one Hessian-vector product divided by one forward+backward, per path, and
@@ -181,13 +182,15 @@ def warm_chain(training: Training, loss_fn, inputs, targets, gap: int, rounds: i
     tracking λ_max during training would run it. Returns per round our products,
     pyhessian's, λ_max and the ratio of times to 1e-3; over the rounds the median ratio
     and ``total``, our summed time to 1e-3 divided by pyhessian's over that stretch of
-    training. Keys starting with ``refined_`` hold the same for the refined value.
+    training. Keys starting with ``refined_`` hold the same for the refined value, and
+    keys starting with ``own_`` and ``pyhessian_own_`` the products, largest relative
+    error and summed-time ratio with each solver stopping by its own rule at 1e-3.
     """
     model = training.model
     model.eval()
     ours_trace(model, loss_fn, inputs, targets, "forward_over_reverse", max_iter=1)  # trace outside the timing
     previous = ours_vector(model, loss_fn, inputs, targets, "double_backward")
-    rows = []
+    rows, own_rows = [], []
     for round_index in range(rounds):
         training.steps(gap)
         current = ours_vector(model, loss_fn, inputs, targets, "double_backward")
@@ -200,8 +203,18 @@ def warm_chain(training: Training, loss_fn, inputs, targets, gap: int, rounds: i
                            max_iter=40, tol=1e-7)
         rows.append((current.lambda_max, theirs, time_to_accuracy(ritz(trace), current.lambda_max),
                      time_to_accuracy(refined(trace), current.lambda_max)))
+        # What a probe pays: our solve stopping on its residual at tol 1e-3, against
+        # pyhessian stopping by its own rule at the same tolerance.
+        own = ours_trace(model, loss_fn, inputs, targets, "forward_over_reverse", start=previous.vector,
+                         max_iter=40, tol=ACCURACY)
+        own_rows.append(((own[-1][0], len(own), abs(own[-1][1] / current.lambda_max - 1)),
+                         pyhessian_own_stop(pyhessian, current.lambda_max)))
         previous = current
-    result = {"lambdas": [row[0] for row in rows], "pyhessian_products": [row[1][1] for row in rows]}
+    result = {"lambdas": [row[0] for row in rows], "pyhessian_products": [row[1][1] for row in rows],
+              "own_products": [ours[1] for ours, _ in own_rows], "own_error": max(ours[2] for ours, _ in own_rows),
+              "pyhessian_own_products": [theirs[1] for _, theirs in own_rows],
+              "pyhessian_own_error": max(theirs[2] for _, theirs in own_rows),
+              "own_total": sum(ours[0] for ours, _ in own_rows) / sum(theirs[0] for _, theirs in own_rows)}
     pyhessian_total = sum(row[1][0] for row in rows)
     for prefix, column in (("", 2), ("refined_", 3)):
         ratios = [row[column][0] / row[1][0] for row in rows]
@@ -312,6 +325,17 @@ def own_stopping(model, loss_fn, inputs, targets, reference: float, repeats: int
     return {name: {"seconds": median(row[0] for row in runs), "products": [row[1] for row in runs],
                    "error": max(row[2] for row in runs)}
             for name, runs in (("ours", ours), ("pyhessian", theirs))}
+
+
+def pyhessian_own_stop(trace, reference):
+    """Return (seconds, products, relative error) where pyhessian's own rule at tolerance
+    ACCURACY stops on ``trace``: when two successive values differ by less than
+    ACCURACY relatively. It then returns the earlier of the two values."""
+    for index in range(1, len(trace)):
+        before, now = trace[index - 1][1], trace[index][1]
+        if abs(before - now) / (abs(before) + 1e-6) < ACCURACY:
+            return trace[index][0], index + 1, abs(before / reference - 1)
+    return trace[-1][0], len(trace), abs(trace[-1][1] / reference - 1)
 
 
 def time_to_accuracy(trace, reference):
@@ -549,6 +573,10 @@ def main() -> None:
             print(f"    {name}: products {chain[f'{prefix}products']}, ratios "
                   f"{[round(value, 3) for value in chain[f'{prefix}ratios']]}, median {chain[f'{prefix}ratio']:.3f}, "
                   f"summed times {chain[f'{prefix}total']:.3f}")
+        summary[f"warm_{key}_own_stop_rule_total"] = chain["own_total"]
+        print(f"    each stopping by its own rule at {ACCURACY:g} (what a probe pays): ours {chain['own_products']} "
+              f"products, largest error {chain['own_error']:.1e}; pyhessian {chain['pyhessian_own_products']} "
+              f"products, largest error {chain['pyhessian_own_error']:.1e}; summed times {chain['own_total']:.3f}")
 
     ratios = product_ratios(model, loss_fn, inputs, targets, args.repeats)
     print("\nHessian-vector product time / forward+backward time:")

@@ -1,4 +1,4 @@
-"""Command-line checks of benchmarks/sharpness.py, which no other test imports."""
+"""Checks of the options and helpers of benchmarks/sharpness.py, which no other test imports."""
 
 import argparse
 import importlib.util
@@ -38,3 +38,12 @@ def test_counting_number_parses_integers(benchmark):
     assert benchmark.counting_number(1)("12") == 12
     with pytest.raises(argparse.ArgumentTypeError):
         benchmark.counting_number(1)("1.5")
+
+
+def test_pyhessian_own_stop_by_hand(benchmark):
+    """pyhessian stops once two successive values differ by less than 1e-3 relatively,
+    here at the 4th product (125 then 125.05), and returns the earlier value."""
+    trace = [(1.0, 100.0), (2.0, 120.0), (3.0, 125.0), (4.0, 125.05), (5.0, 125.06)]
+    seconds, products, error = benchmark.pyhessian_own_stop(trace, 125.06)
+    assert (seconds, products) == (4.0, 4)
+    assert error == pytest.approx(0.06 / 125.06)
