@@ -450,6 +450,14 @@ def _random_start(dim: int, generator: torch.Generator | None, device: torch.dev
     return torch.randn(dim, generator=generator, dtype=torch.float64).to(device)
 
 
+def _orthogonalize(vector: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Return ``vector`` minus its projection on the orthonormal rows of ``basis``, done
+    twice, because one pass leaves rounding errors that grow over a long Lanczos run."""
+    for _ in range(2):
+        vector = vector - basis.T @ (basis @ vector)
+    return vector
+
+
 def check_tol(tol: float) -> None:
     """Raise ValueError unless ``tol`` is a finite number >= 0. A tol of 0 never stops a solve early."""
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
@@ -521,8 +529,7 @@ def lanczos(
         w = w - alpha * basis[j]
         if j > 0:
             w = w - betas[-1] * basis[j - 1]
-        for _ in range(2):  # full reorthogonalization, twice for stability
-            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+        w = _orthogonalize(w, basis[: j + 1])
         beta = w.norm().item()
         alphas.append(alpha.item())
 
@@ -558,9 +565,7 @@ def lanczos(
             if invariant:
                 # Larger eigenvalues may lie outside an invariant space: go on from a Gaussian
                 # vector orthogonal to it, with a zero coupling in the tridiagonal matrix.
-                w = _random_start(dim, generator, device)
-                for _ in range(2):
-                    w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+                w = _orthogonalize(_random_start(dim, generator, device), basis[: j + 1])
                 basis[j + 1] = w / w.norm()
                 betas.append(0.0)
                 block = j + 1
