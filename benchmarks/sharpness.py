@@ -80,9 +80,8 @@ class Training:
     perturbation of 1e-12 grew to 1e-3 over those 15 steps, so rounding differences of
     about 1e-16 should leave the instance at step 15 the same to about 1e-7. Training
     with 1 and with 2 threads, whose reductions round differently, gave parameters at
-    step 15 that differed by 1.6e-13 (relative L2 norm); a second machine has not been
-    compared. The solves being
-    timed run on ``model`` in float32. It stays the same module object across training
+    step 15 that differed by 1.6e-13 (relative L2 norm). A second machine has not been
+    compared. The timed solves run on ``model`` in float32. It stays the same module object across training
     steps, so its cached forward-over-reverse trace stays valid.
     NOTE: the hundreds of minibatch steps before the later warm start amplify even
     float64 rounding, so that measurement may still differ between machines.

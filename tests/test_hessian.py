@@ -206,7 +206,7 @@ def test_probe_reads_old_pickles():
     """Before ``start`` became a checked property it was a plain attribute, and older
     probes had no ``_step_rows``, ``group`` or ``_batch_size``: such pickles used to fail
     at their first solve with AttributeError."""
-    model, inputs, targets = _tiny_problem()
+    _, inputs, targets = _tiny_problem()
     probe = SharpnessProbe(inputs, targets, start="gradient")
     old = probe.__dict__
     old["start"] = old.pop("_start")

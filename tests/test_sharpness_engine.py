@@ -240,6 +240,8 @@ def test_lanczos_top_k_invariant_space(diagonal, start, k, expected):
 
 
 def test_lanczos_invariant_at_max_iter():
+    """An invariant space reached at the last allowed product, before k values were
+    found, used to end the solve with converged=True."""
     matrix = _matrix((5.0, 4.0, 3.0, 2.0))
     estimate = lanczos(lambda v: matrix @ v, 4, k=2, max_iter=1, start=torch.eye(4, dtype=torch.float64)[0])
     assert not estimate.converged
