@@ -132,7 +132,7 @@ def make_problem(data_root: str | None, batch: int = 128, seed: int = 0):
 
 
 def ours_trace(model, loss_fn, inputs, targets, method, start="gradient", max_iter=80, seed=1, tol=0.0):
-    """Run Lanczos and return [(seconds, Ritz value, refined value)] after each product.
+    """Run Lanczos and return [(seconds, Ritz value, refined value, residual)] after each product.
 
     With the default ``tol`` of 0 it runs all ``max_iter`` products.
 
@@ -148,7 +148,8 @@ def ours_trace(model, loss_fn, inputs, targets, method, start="gradient", max_it
             start = operator.gradient()
         lanczos(operator, operator.dim, max_iter=max_iter, tol=tol, start=start,
                 generator=torch.Generator().manual_seed(seed),
-                callback=lambda j, theta, refined: trace.append((time.perf_counter() - started, theta, refined)))
+                callback=lambda j, theta, refined, residual: trace.append(
+                    (time.perf_counter() - started, theta, refined, residual)))
         operator.release()
     return trace
 
@@ -164,12 +165,24 @@ def ours_vector(model, loss_fn, inputs, targets, method):
 
 def ritz(trace):
     """[(seconds, Ritz value)]: what λ_max reports after each product."""
-    return [(seconds, theta) for seconds, theta, _ in trace]
+    return [(seconds, theta) for seconds, theta, _, _ in trace]
 
 
 def refined(trace):
     """[(seconds, refined value)]: what lambda_refined reports after each product."""
-    return [(seconds, value) for seconds, _, value in trace]
+    return [(seconds, value) for seconds, _, value, _ in trace]
+
+
+def own_stop(trace, reference):
+    """Return (seconds, products, relative error of λ_max) where our own rule at tolerance
+    ACCURACY stops on ``trace``: at the first product whose residual is at most
+    ACCURACY·|θ|, as a solve with ``tol=ACCURACY`` would. The solve up to that product
+    is the same with any smaller ``tol``, so a tight trace holds the stop. A trace that
+    never gets there counts whole, as a solve that ran out of products."""
+    for index, (seconds, theta, _, residual) in enumerate(trace):
+        if residual <= ACCURACY * abs(theta):
+            return seconds, index + 1, abs(theta / reference - 1)
+    return trace[-1][0], len(trace), abs(trace[-1][1] / reference - 1)
 
 
 def warm_chain(training: Training, loss_fn, inputs, targets, gap: int, rounds: int) -> dict:
@@ -204,10 +217,7 @@ def warm_chain(training: Training, loss_fn, inputs, targets, gap: int, rounds: i
                      time_to_accuracy(refined(trace), current.lambda_max)))
         # What a probe pays: our solve stopping on its residual at tol 1e-3, against
         # pyhessian stopping by its own rule at the same tolerance.
-        own = ours_trace(model, loss_fn, inputs, targets, "forward_over_reverse", start=previous.vector,
-                         max_iter=40, tol=ACCURACY)
-        own_rows.append(((own[-1][0], len(own), abs(own[-1][1] / current.lambda_max - 1)),
-                         pyhessian_own_stop(pyhessian, current.lambda_max)))
+        own_rows.append((own_stop(trace, current.lambda_max), pyhessian_own_stop(pyhessian, current.lambda_max)))
         previous = current
     result = {"lambdas": [row[0] for row in rows], "pyhessian_products": [row[1][1] for row in rows],
               "own_products": [ours[1] for ours, _ in own_rows], "own_error": max(ours[2] for ours, _ in own_rows),
@@ -264,12 +274,9 @@ def first_call_seconds(model, loss_fn, inputs, targets) -> float:
     return timings[0] - timings[1]
 
 
-def pyhessian_solve(model, loss_fn, inputs, targets, max_iter=200, tol=1e-7, seed=1) -> tuple[list, float, float]:
+def pyhessian_trace(model, loss_fn, inputs, targets, max_iter=200, seed=1, tol=1e-7) -> list:
     """Run pyhessian's power iteration, which stops when two successive values differ
-    by less than ``tol`` relatively.
-
-    Returns [(seconds, estimate)] after each product, the λ_max it returns and the
-    seconds of the whole call.
+    by less than ``tol`` relatively, and return [(seconds, estimate)] after each product.
     """
     import pyhessian
 
@@ -290,40 +297,12 @@ def pyhessian_solve(model, loss_fn, inputs, targets, max_iter=200, tol=1e-7, see
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             engine = pyhessian.hessian(model, loss_fn, data=(inputs, targets), cuda=False)
-            values, _ = engine.eigenvalues(maxIter=max_iter, tol=tol)
-        seconds = time.perf_counter() - started
+            engine.eigenvalues(maxIter=max_iter, tol=tol)
     finally:
         module.hessian_vector_product = original
         for p in model.parameters():
             p.grad = None
-    return trace, values[0], seconds
-
-
-def pyhessian_trace(model, loss_fn, inputs, targets, max_iter=200, seed=1, tol=1e-7):
-    """Run pyhessian's power iteration and return [(seconds, estimate)] after each product."""
-    return pyhessian_solve(model, loss_fn, inputs, targets, max_iter=max_iter, tol=tol, seed=seed)[0]
-
-
-def own_stopping(model, loss_fn, inputs, targets, reference: float, repeats: int) -> dict:
-    """Time a cold solve of each estimator that stops by its own rule, at tolerance 1e-3.
-
-    Ours starts from the loss gradient and stops when the residual ‖Hv − θv‖ is at most
-    1e-3·|θ|, as the probe does. pyhessian stops when two successive power-iteration
-    values differ by less than 1e-3 relatively. Returns {"ours" or "pyhessian":
-    {"seconds": median over ``repeats``, "products": per repeat, "error": largest
-    relative error of λ_max}}.
-    """
-    ours, theirs = [], []
-    for repeat in range(repeats):
-        started = time.perf_counter()
-        trace = ours_trace(model, loss_fn, inputs, targets, "forward_over_reverse", tol=ACCURACY, seed=repeat)
-        seconds = time.perf_counter() - started
-        ours.append((seconds, len(trace), abs(trace[-1][1] / reference - 1)))  # λ_max is the last Ritz value
-        trace, value, seconds = pyhessian_solve(model, loss_fn, inputs, targets, max_iter=100, tol=ACCURACY, seed=repeat)
-        theirs.append((seconds, len(trace), abs(value / reference - 1)))
-    return {name: {"seconds": median(row[0] for row in runs), "products": [row[1] for row in runs],
-                   "error": max(row[2] for row in runs)}
-            for name, runs in (("ours", ours), ("pyhessian", theirs))}
+    return trace
 
 
 def pyhessian_own_stop(trace, reference):
@@ -506,14 +485,17 @@ def main() -> None:
 
     trace_seconds = first_call_seconds(model, loss_fn, inputs, targets)
     pyhessian_runs, runs, refined_runs = [], {name: [] for name in STARTS}, []
+    own_runs, pyhessian_own_runs = [], []  # each solver stopping by its own rule at tolerance ACCURACY
     for repeat in range(args.repeats):
         for name, (method, start) in STARTS.items():
             trace = ours_trace(model, loss_fn, inputs, targets, method, start=start, seed=repeat)
             runs[name].append(time_to_accuracy(ritz(trace), reference.lambda_max))
             if name == "cold_forward_over_reverse":
                 refined_runs.append(time_to_accuracy(refined(trace), reference.lambda_max))
-        pyhessian_runs.append(time_to_accuracy(pyhessian_trace(model, loss_fn, inputs, targets, seed=repeat),
-                                               reference.lambda_max))
+                own_runs.append(own_stop(trace, reference.lambda_max))
+        pyhessian = pyhessian_trace(model, loss_fn, inputs, targets, seed=repeat)
+        pyhessian_runs.append(time_to_accuracy(pyhessian, reference.lambda_max))
+        pyhessian_own_runs.append(pyhessian_own_stop(pyhessian, reference.lambda_max))
     pyhessian_time = median(s for s, _ in pyhessian_runs)
 
     print(f"\ntime to {ACCURACY:g} relative error (medians of {args.repeats}), divided by pyhessian's "
@@ -529,13 +511,12 @@ def main() -> None:
           f"{summary['cold_forward_over_reverse_refined']:.3f}")
     first = (median(s for s, _ in runs["cold_forward_over_reverse"]) + trace_seconds) / pyhessian_time
     print(f"  the same, at the first call of a run (adds the one-time trace): {first:.3f}")
-    stopping = own_stopping(model, loss_fn, inputs, targets, reference.lambda_max, args.repeats)
-    ours, theirs = stopping["ours"], stopping["pyhessian"]
-    summary["cold_own_stop_rule"] = ours["seconds"] / theirs["seconds"]
+    summary["cold_own_stop_rule"] = (median(row[0] for row in own_runs)
+                                     / median(row[0] for row in pyhessian_own_runs))
     print(f"  each stopping by its own rule at tolerance {ACCURACY:g} instead (ours: residual; pyhessian: relative "
-          f"change between iterations): ours {ours['products']} products, largest error {ours['error']:.1e}; "
-          f"pyhessian {theirs['products']} products, largest error {theirs['error']:.1e}; "
-          f"{summary['cold_own_stop_rule']:.3f}")
+          f"change between iterations): ours {[row[1] for row in own_runs]} products, largest error "
+          f"{max(row[2] for row in own_runs):.1e}; pyhessian {[row[1] for row in pyhessian_own_runs]} products, "
+          f"largest error {max(row[2] for row in pyhessian_own_runs):.1e}; {summary['cold_own_stop_rule']:.3f}")
     if args.cold_only:
         print(json.dumps({f"{name}_over_pyhessian": value for name, value in summary.items()}))
         return

@@ -487,7 +487,7 @@ def lanczos(
     start: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
-    callback: Callable[[int, float, float], None] | None = None,
+    callback: Callable[[int, float, float, float], None] | None = None,
     floor: float | None = None,
 ) -> EigenEstimate:
     """Estimate the k largest algebraic eigenvalues of a symmetric operator by Lanczos.
@@ -503,8 +503,9 @@ def lanczos(
     at most ``tol`` times the top value. Invariance is declared at β ≤ 1e-10·max|θ|, so
     eigenvalues are resolved only to about 1e-10·‖H‖.
     ``start`` (for example the previous estimate's eigenvector) seeds the Krylov
-    space; without it a Gaussian vector is drawn from ``generator``. ``callback(j, θ, refined)``
-    receives the top Ritz value and its refined value after each product (benchmarks use it).
+    space; without it a Gaussian vector is drawn from ``generator``. ``callback(j, θ, refined, r)``
+    receives, after the j-th product, the top Ritz value, its refined value and its
+    residual (benchmarks use it).
     ``floor`` is a lower bound on the spectrum for ``lambda_refined``; by default
     min(0, smallest Ritz value). That default is a true lower bound only for a positive
     semi-definite Hessian or once the smallest Ritz value has converged. Otherwise an
@@ -543,7 +544,7 @@ def lanczos(
         bottom = floor if floor is not None else min(0.0, values[0].item())
         refined = refined_lower_bound(values[-1].item(), residuals[-1].item(), bottom)
         if callback is not None:
-            callback(j + 1, values[-1].item(), refined)
+            callback(j + 1, values[-1].item(), refined, residuals[-1].item())
         scale = values[-top:].abs().clamp_min(torch.finfo(torch.float64).tiny)
         invariant = beta <= 1e-10 * max(values.abs().max().item(), 1e-300)
         if j + 1 == dim:  # the whole space: the values are exact

@@ -47,3 +47,14 @@ def test_pyhessian_own_stop_by_hand(benchmark):
     seconds, products, error = benchmark.pyhessian_own_stop(trace, 125.06)
     assert (seconds, products) == (4.0, 4)
     assert error == pytest.approx(0.06 / 125.06)
+
+
+def test_own_stop_reads_the_residual_rule(benchmark):
+    """Our rule stops at the first product whose residual is at most 1e-3·|θ| (the third
+    here: 0.09 <= 0.1), which a tight trace records on its way; a trace that never gets
+    there counts whole."""
+    trace = [(1.0, 90.0, 95.0, 20.0), (2.0, 99.0, 99.9, 0.5), (3.0, 99.95, 99.99, 0.09), (4.0, 100.0, 100.0, 1e-5)]
+    seconds, products, error = benchmark.own_stop(trace, 100.0)
+    assert (seconds, products) == (3.0, 3)
+    assert error == pytest.approx(5e-4)
+    assert benchmark.own_stop(trace[:2], 100.0)[:2] == (2.0, 2)

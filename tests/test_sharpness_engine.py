@@ -247,6 +247,19 @@ def test_lanczos_invariant_at_max_iter():
     assert not estimate.converged
 
 
+def test_lanczos_callback_reports_each_product():
+    """The callback gets, after each product, the values and residual the solve would
+    return if it stopped there; its last call matches the returned estimate."""
+    matrix = _matrix((6.0, 3.0, 2.0, 1.0, 0.5))
+    calls = []
+    estimate = lanczos(lambda v: matrix @ v, 5, tol=1e-6, start=torch.ones(5, dtype=torch.float64),
+                       callback=lambda *values: calls.append(values))
+    assert [call[0] for call in calls] == list(range(1, estimate.hvp_count + 1))
+    assert calls[0][1] == pytest.approx(12.5 / 5)  # Rayleigh quotient of (1, ..., 1)
+    assert calls[-1][1:] == pytest.approx((estimate.lambda_max, estimate.lambda_refined, estimate.residual))
+    assert calls[-1][3] <= 1e-6 * 6.0 < calls[-2][3]  # the residual rule stopped it
+
+
 def test_top_eigenvalue_invariant_gradient():
     """Least squares with H = diag(9, 1) and a gradient along the second axis: the
     gradient start used to return 1 with converged=True."""
