@@ -687,8 +687,12 @@ def top_eigenvalue(
     estimator: str = "lanczos",
     preconditioner: torch.Tensor | None = None,
     group=None,
+    params: Sequence[torch.Tensor] | None = None,
 ) -> EigenEstimate:
     """Estimate λ_max of the loss Hessian on one batch, in the model's current mode.
+
+    The Hessian is over ``params`` (by default every parameter with ``requires_grad``),
+    taken in the order of ``model.named_parameters()``; the others are held fixed.
 
     With ``preconditioner`` d (a flat positive vector, the diagonal of P), estimates
     λ_max(P^-1/2 H P^-1/2) instead, the sharpness that governs an Adam step.
@@ -706,7 +710,8 @@ def top_eigenvalue(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"invalid estimator={estimator!r}: expected one of {ESTIMATORS}")
-    operator = HessianOperator(model, loss_fn, inputs, targets, chunk_size=chunk_size, method=hvp_method, group=group)
+    operator = HessianOperator(model, loss_fn, inputs, targets, params=params, chunk_size=chunk_size, method=hvp_method,
+                               group=group)
     device = operator.params[0].device
     apply: Operator = operator
     if preconditioner is not None:

@@ -373,6 +373,21 @@ def test_preconditioned_sharpness_matches_dense_with_real_adam_state():
     assert estimate.lambda_max == pytest.approx(exact, rel=1e-7)
 
 
+def test_top_eigenvalue_over_some_parameters():
+    """``params`` restricts the Hessian to their block: here the last layer's, whose
+    rows and columns come last in the dense Hessian."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    inputs, targets = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 2, (12,))
+    loss_fn = nn.CrossEntropyLoss()
+    hessian = _dense_hessian(model, loss_fn, inputs, targets)
+    last = sum(p.numel() for p in model[2].parameters())
+    exact = torch.linalg.eigvalsh(hessian[-last:, -last:])[-1].item()
+    estimate = top_eigenvalue(model, loss_fn, inputs, targets, tol=1e-10, params=list(model[2].parameters()))
+    assert estimate.vector.numel() == last
+    assert estimate.lambda_max == pytest.approx(exact, rel=1e-8)
+
+
 def test_hutchinson_trace_close_to_exact():
     torch.manual_seed(0)
     matrix = torch.randn(30, 30, dtype=torch.float64)
