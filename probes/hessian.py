@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from dynamics.distributed import all_reduce_sum, sum_over_ranks
-from probes.linearized import ParametersReadDirectly, SplitProduct, cached_split_product, call_with
+from probes.linearized import ParametersReadDirectly, SplitProduct, cached_split_product, call_with, quiet_jvp_setup
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,8 @@ class HessianOperator:
         total = None
         for inputs, targets in self.chunks:
             gradient = grad(lambda params: chunk_loss(params, inputs, targets))
-            _, product = jvp(gradient, (primals,), (tuple(tangents),))
+            with quiet_jvp_setup():
+                _, product = jvp(gradient, (primals,), (tuple(tangents),))
             part = self._flat(product)
             total = part if total is None else total + part
         return total

@@ -30,9 +30,13 @@ not detected, so a branch on it is frozen at the traced batch's value.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import operator
+import types
+import warnings
 import weakref
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import fx, nn
@@ -73,6 +77,15 @@ def call_with(model: nn.Module, values: dict[str, torch.Tensor], inputs: torch.T
         for module, parameters, buffers in saved:
             module._parameters.update(parameters)
             module._buffers.update(buffers)
+
+
+@contextlib.contextmanager
+def quiet_jvp_setup() -> Iterator[None]:
+    """Silence the DeprecationWarnings that torch 2.13 emits (18 of them) when the first
+    ``torch.func.jvp`` of a process loads its decompositions through ``torch.jit.script``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning)
+        yield
 
 
 def _packet_name(node: fx.Node) -> str:
@@ -152,7 +165,8 @@ def split_product(model: nn.Module, param_names: Sequence[str], state_names: Seq
     fixed_values = [t.detach() for t in state]
     generator = torch.Generator().manual_seed(0)
     check_tangents = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in detached]
-    expected = hvp(*detached, *fixed_values, inputs, targets, *check_tangents)[n:]
+    with quiet_jvp_setup():
+        expected = hvp(*detached, *fixed_values, inputs, targets, *check_tangents)[n:]
     try:
         graph_module = make_fx(hvp)(*detached, *fixed_values, inputs, targets, *check_tangents)
     except RuntimeError as error:
@@ -337,6 +351,7 @@ def _split(graph_module: fx.GraphModule, tangent_start: int,
 CACHE_SIZE = 4
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple]]" = weakref.WeakKeyDictionary()
 _SIMPLE = (bool, int, float, complex, str, bytes, type(None))
+_DEPTH = 3  # levels of containers, objects and closures keyed by content
 
 
 class _Fingerprint:
@@ -350,33 +365,57 @@ class _Fingerprint:
         return ("id", id(obj))
 
     def value(self, obj: object, depth: int = 0) -> tuple:
-        """Return a key for a value read by the model or the loss."""
+        """Return a key for a value read by the model or the loss.
+
+        Containers, plain objects and functions are keyed by content down to
+        ``_DEPTH`` levels, so that an entry of a config dict, a field of a config object
+        or an activation function swapped in place is seen; deeper, by identity.
+        """
         if isinstance(obj, _SIMPLE):
             return ("value", type(obj), obj)
         if isinstance(obj, torch.Tensor):
             # The version counter changes with every in-place write.
             return ("tensor", *self.identity(obj), obj._version, *_tensor_key(obj))
-        if isinstance(obj, (list, tuple)) and depth < 2:
-            return (type(obj), tuple(self.value(item, depth + 1) for item in obj))
-        if isinstance(obj, (set, frozenset)) and all(isinstance(item, _SIMPLE) for item in obj):
-            return ("set", tuple(sorted(obj, key=repr)))
         if isinstance(obj, torch.dtype | torch.device):
             return ("value", str(obj))
+        if isinstance(obj, nn.Module) or depth >= _DEPTH:
+            return self.identity(obj)  # a submodule has its own entry in the key
+        if isinstance(obj, (list, tuple)):
+            return (type(obj), tuple(self.value(item, depth + 1) for item in obj))
+        if isinstance(obj, dict):
+            return (type(obj), tuple((self.value(key, depth + 1), self.value(item, depth + 1))
+                                     for key, item in obj.items()))
+        if isinstance(obj, (set, frozenset)) and all(isinstance(item, _SIMPLE) for item in obj):
+            return ("set", tuple(sorted(obj, key=repr)))
+        if isinstance(obj, types.FunctionType):
+            closure = tuple(self.value(cell.cell_contents, depth + 1) for cell in obj.__closure__ or ())
+            return ("function", self.identity(obj.__code__), closure, self.value(obj.__defaults__ or (), depth + 1))
+        if isinstance(obj, types.MethodType):
+            return ("method", self.value(obj.__func__, depth + 1), self.identity(obj.__self__))
+        if isinstance(obj, functools.partial):
+            return ("partial", self.value(obj.func, depth + 1), self.value(obj.args, depth + 1),
+                    self.value(obj.keywords, depth + 1))
+        if type(obj).__module__ not in ("builtins", "torch") and isinstance(getattr(obj, "__dict__", None), dict):
+            return ("object", self.identity(obj), self.value(vars(obj), depth + 1))
         return self.identity(obj)
 
     def attributes(self, obj: object) -> tuple:
-        """Return a key for an object's attributes that are not parameters, buffers or submodules."""
+        """Return a key for an object's attributes that are not parameters, buffers or submodules.
+
+        Hooks are attributes too (dicts of functions), since a forward hook can change
+        the output.
+        """
         return tuple(sorted(
             ((name, self.value(value)) for name, value in vars(obj).items()
-             if name not in ("_parameters", "_buffers", "_modules") and not callable(value)
-             and not isinstance(value, dict)),
+             if name not in ("_parameters", "_buffers", "_modules")),
             key=lambda item: item[0],
         ))
 
     def loss(self, loss_fn: LossFn) -> tuple:
         """Return a key for a loss, so that an equal fresh one (``nn.CrossEntropyLoss()`` per call) reuses the trace.
 
-        A function is keyed by its code, defaults, closure and the globals its code names.
+        A function is keyed by its code, defaults, closure (by content, as in
+        :meth:`value`) and the globals its code names.
         NOTE: values that the functions it calls read are not part of the key, so a
         change there is not seen by a cached trace.
         """
@@ -389,12 +428,9 @@ class _Fingerprint:
         if code is None:  # a callable object or a builtin
             return ("callable", type(loss_fn), self.attributes(loss_fn) if hasattr(loss_fn, "__dict__") else (),
                     self.identity(loss_fn))
-        closure = tuple(self.value(cell.cell_contents) for cell in function.__closure__ or ())
-        defaults = self.value(function.__defaults__ or ())
         namespace = getattr(function, "__globals__", {})
         global_values = tuple((name, self.value(namespace[name])) for name in code.co_names if name in namespace)
-        return ("function", self.identity(code), closure, defaults, global_values,
-                self.identity(owner) if owner is not None else None)
+        return (self.value(function), global_values, self.identity(owner) if owner is not None else None)
 
 
 def _tensor_key(tensor: torch.Tensor) -> tuple:

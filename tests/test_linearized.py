@@ -247,6 +247,26 @@ class Focal(nn.Module):
 
 
 SMOOTHING = 0.0
+CONFIG = {"weight": 1.0}
+
+
+class Configured(nn.Module):
+    """An MLP whose forward reads a config dict entry, an activation attribute and a
+    field of a plain config object."""
+
+    class Settings:
+        def __init__(self):
+            self.offset = 0.0
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3))
+        self.cfg = {"scale": 1.0}
+        self.act = torch.tanh
+        self.settings = self.Settings()
+
+    def forward(self, x):
+        return self.body[1](self.act(self.cfg["scale"] * self.body[0](x) + self.settings.offset))
 
 
 def smoothed(outputs, targets):
@@ -270,20 +290,53 @@ def _change_global(model, _):
     SMOOTHING = 0.3
 
 
+def _change_dict_entry(model, _):
+    model.cfg["scale"] = 3.0
+
+
+def _change_activation(model, _):
+    model.act = torch.sigmoid
+
+
+def _change_object_field(model, _):
+    model.settings.offset = 0.7
+
+
+def _change_closure_dict(model, _):
+    CONFIG["weight"] = 4.0
+
+
+def _make_weighted_loss():
+    config = CONFIG
+
+    def weighted(outputs, targets):
+        return config["weight"] * nn.functional.cross_entropy(outputs, targets)
+
+    return weighted
+
+
 @pytest.mark.parametrize("change, loss_fn, changed_loss", [
     (_change_frozen, smoothed, None),
     (_change_float, smoothed, None),
     (_change_tensor_attribute, smoothed, None),
     (_change_global, smoothed, None),
     (None, Focal(0.0), Focal(3.0)),
+    (_change_dict_entry, smoothed, None),
+    (_change_activation, smoothed, None),
+    (_change_object_field, smoothed, None),
+    (_change_closure_dict, _make_weighted_loss(), None),
 ])
 def test_cached_split_sees_changed_values(change, loss_fn, changed_loss, monkeypatch):
     """Values outside the parameters and buffers that a trace would freeze are part of the cache
-    key: a frozen parameter replaced, a float or tensor attribute, a global a loss reads, and a
-    fresh loss with a different private setting. Each solve after a change matches double backward."""
+    key: a frozen parameter replaced, a float or tensor attribute, a global a loss reads, a
+    fresh loss with a different private setting, an entry of a config dict, a swapped
+    activation function, a field of a config object and a dict in the loss's closure. The
+    last four used to return the old Hessian. Each solve after a change matches double backward."""
     monkeypatch.setitem(globals(), "SMOOTHING", 0.0)
+    monkeypatch.setitem(CONFIG, "weight", 1.0)
     torch.manual_seed(0)
-    model, inputs, targets = Scaled(), torch.randn(12, 4), torch.randint(0, 3, (12,))
+    model = Configured() if change in (_change_dict_entry, _change_activation, _change_object_field) else Scaled()
+    inputs, targets = torch.randn(12, 4), torch.randint(0, 3, (12,))
     vector = torch.randn(sum(p.numel() for p in model.parameters() if p.requires_grad), dtype=torch.float64)
     for current in (loss_fn, changed_loss or loss_fn):
         split = HessianOperator(model, current, inputs, targets, method="forward_over_reverse")(vector)
@@ -397,3 +450,18 @@ def test_shared_submodule_keeps_its_parameters(chunk_size):
     torch.testing.assert_close(product, reference, rtol=1e-4, atol=1e-5)
     assert model.first.weight is parameters[0]
     assert isinstance(model.first.weight, nn.Parameter)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])  # the traced split, and the plain product
+def test_first_product_emits_no_deprecation_warnings(chunk_size):
+    """The first torch.func.jvp of a process loads torch's decompositions through
+    torch.jit.script, which used to print 18 DeprecationWarnings into the user's run."""
+    script = (
+        "import torch\nfrom torch import nn\nfrom probes import top_eigenvalue\n"
+        "model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))\n"
+        "top_eigenvalue(model, nn.CrossEntropyLoss(), torch.randn(5, 3), torch.randint(0, 2, (5,)),\n"
+        f"               hvp_method='forward_over_reverse', chunk_size={chunk_size})\n"
+    )
+    result = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", script],
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
