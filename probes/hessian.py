@@ -13,13 +13,19 @@ Conventions a reader could get wrong:
   ``torch.func`` transforms.
 - BatchNorm in train mode uses batch statistics and, during a product, does not
   update its running buffers (``track_running_stats`` is switched off for the solve).
-  Dropout is disabled during a solve, so every product sees the same function.
+- Every product of a solve sees the same function. ``nn.Dropout`` modules are switched
+  off for the solve. Random numbers drawn elsewhere in the forward pass (functional
+  dropout, attention dropout) come from a generator seeded alike for every product, so
+  the mask is fixed; the estimate records ``dropout="mask fixed"``. The global RNG is
+  left as it was either way.
+- A parameter the loss does not reach has zero rows and columns in the Hessian.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 import warnings
 from contextlib import contextmanager
@@ -40,6 +46,17 @@ Operator = Callable[[torch.Tensor], torch.Tensor]
 
 class HessianUnsupportedError(RuntimeError):
     """The model has an operation without a second derivative in the requested path."""
+
+
+def is_integer(value: object) -> bool:
+    """True for an int (or an integer numpy or torch scalar), False for bool, float or anything else."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_count(name: str, value: object, meaning: str) -> None:
+    """Raise ValueError unless ``value`` is an integer >= 1; ``meaning`` says what it counts."""
+    if not (is_integer(value) and value >= 1):
+        raise ValueError(f"invalid {name}={value!r}: expected an integer >= 1 ({meaning})")
 
 
 @contextmanager
@@ -81,6 +98,9 @@ class HessianOperator:
       must reach the parameters only through ``model(inputs)``: an L2 term over
       ``model.parameters()`` is checked for and rejected with one chunk.
       NOTE: with several chunks such a term is silently left out of the product.
+    NOTE: a custom ``torch.autograd.Function`` whose ``backward`` detaches what it
+    computes from, without ``@once_differentiable``, gives a wrong product on both
+    paths, and nothing in autograd shows it.
 
     ``auto`` times one product of each on the first call and keeps the faster path
     that works; a path that fails is logged with its reason. When both work but
@@ -110,6 +130,14 @@ class HessianOperator:
     ) -> None:
         if method not in HVP_METHODS:
             raise ValueError(f"invalid hvp method={method!r}: expected one of {HVP_METHODS}")
+        if len(inputs) != len(targets):
+            raise ValueError(f"inputs and targets differ in length ({len(inputs)} and {len(targets)}): "
+                             "pass one target per input, so that chunks split them alike")
+        if len(targets) == 0:
+            raise ValueError("the sharpness batch is empty (0 inputs): pass at least one (input, target) pair")
+        if chunk_size is not None and not (is_integer(chunk_size) and chunk_size >= 1):
+            raise ValueError(f"invalid chunk_size={chunk_size!r}: expected an integer >= 1, or None for the whole "
+                             "batch at once")
         self.model = model
         self.loss_fn = loss_fn
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -119,12 +147,14 @@ class HessianOperator:
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         self.dim = sum(p.numel() for p in self.params)
+        if self.dim == 0:
+            raise ValueError("no parameter to differentiate: the model has no parameter with requires_grad=True"
+                             + (" among the given params" if params is not None else "")
+                             + ". Unfreeze the parameters whose Hessian you want")
         self.group = group
         # The loss of the whole batch: over every rank's part when distributed.
         self.batch_size = sum_over_ranks(len(targets), targets.device, group)
         chunk_size = chunk_size or len(targets)
-        if chunk_size < 1:
-            raise ValueError(f"invalid chunk_size={chunk_size}: expected an integer >= 1")
         self.chunks = [
             (inputs[start : start + chunk_size], targets[start : start + chunk_size])
             for start in range(0, len(targets), chunk_size)
@@ -138,13 +168,48 @@ class HessianOperator:
         self._bound: tuple[torch.Tensor, ...] = ()
         self._split_gradient: torch.Tensor | None = None
         self.split_fallback_reason = ""  # set when the split cannot be used
+        self.random_draws = False  # whether a forward pass drew random numbers (see _fixed_randomness)
+        self._devices = sorted({p.device.index if p.device.index is not None else torch.cuda.current_device()
+                                for p in self.params if p.device.type == "cuda"})
+
+    @contextmanager
+    def _fixed_randomness(self, chunk: int) -> Iterator[None]:
+        """Run a chunk's forward pass with the global generators seeded by the chunk's index,
+        then restore them.
+
+        Every product thus draws the same dropout mask for a chunk, and training's random
+        stream does not move. Sets ``random_draws`` when the pass drew random numbers.
+        """
+        with torch.random.fork_rng(devices=self._devices):
+            torch.default_generator.manual_seed(chunk)
+            for device in self._devices:
+                torch.cuda.default_generators[device].manual_seed(chunk)
+            before = self._rng_states()
+            yield
+            if not self.random_draws:
+                self.random_draws = any(not torch.equal(a, b) for a, b in zip(before, self._rng_states()))
+
+    def _rng_states(self) -> list[torch.Tensor]:
+        return [torch.get_rng_state(), *(torch.cuda.get_rng_state(device) for device in self._devices)]
 
     # -- the two paths ---------------------------------------------------------------
 
-    def _chunk_grads(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        weight = len(targets) / self.batch_size
-        loss = self.loss_fn(self.model(inputs), targets) * weight
-        return torch.autograd.grad(loss, self.params, create_graph=True)
+    def _chunk_grads(self, chunk: int, create_graph: bool = True) -> tuple[torch.Tensor, ...]:
+        """Return the gradient of the weighted loss of one chunk (zeros for parameters it does not reach)."""
+        inputs, targets = self.chunks[chunk]
+        with self._fixed_randomness(chunk):
+            loss = self.loss_fn(self.model(inputs), targets) * (len(targets) / self.batch_size)
+        return torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True,
+                                   materialize_grads=True)
+
+    def _grads_times(self, grads: Sequence[torch.Tensor], tangents: list[torch.Tensor], retain_graph: bool) -> torch.Tensor:
+        """Return the flat ∇(grads·tangents), zero where a gradient does not depend on the parameters."""
+        pairs = [(g, t) for g, t in zip(grads, tangents) if g.requires_grad]
+        if not pairs:
+            return torch.zeros(self.dim, dtype=torch.float64, device=self.params[0].device)
+        outputs, weights = zip(*pairs)
+        return self._flat(torch.autograd.grad(outputs, self.params, weights, retain_graph=retain_graph,
+                                              allow_unused=True, materialize_grads=True))
 
     def _split(self, vector: torch.Tensor) -> list[torch.Tensor]:
         pieces = torch.split(vector, [p.numel() for p in self.params])
@@ -154,8 +219,8 @@ class HessianOperator:
     def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.cat([t.reshape(-1) for t in tensors]).to(torch.float64)
 
-    def _checked_grads(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        grads = self._chunk_grads(inputs, targets)
+    def _checked_grads(self, chunk: int) -> tuple[torch.Tensor, ...]:
+        grads = self._chunk_grads(chunk)
         if has_delayed_error(grads):
             raise RuntimeError("the gradient graph passes through a function marked @once_differentiable")
         return grads
@@ -163,12 +228,11 @@ class HessianOperator:
     def _double_backward(self, tangents: list[torch.Tensor]) -> torch.Tensor:
         if len(self.chunks) == 1:
             if self._grads is None:
-                self._grads = self._checked_grads(*self.chunks[0])
-            return self._flat(torch.autograd.grad(self._grads, self.params, tangents, retain_graph=True))
+                self._grads = self._checked_grads(0)
+            return self._grads_times(self._grads, tangents, retain_graph=True)
         total = None
-        for inputs, targets in self.chunks:
-            grads = self._checked_grads(inputs, targets)
-            part = self._flat(torch.autograd.grad(grads, self.params, tangents))
+        for chunk in range(len(self.chunks)):
+            part = self._grads_times(self._checked_grads(chunk), tangents, retain_graph=False)
             total = part if total is None else total + part
         return total
 
@@ -184,9 +248,10 @@ class HessianOperator:
             return False
         inputs, targets = self.chunks[0]
         try:
-            self._split_product, self._bound, gradient = cached_split_product(
-                self.model, self.names, self.loss_fn, len(targets) / self.batch_size, self.params, inputs, targets,
-                with_gradient)
+            with self._fixed_randomness(0):
+                self._split_product, self._bound, gradient = cached_split_product(
+                    self.model, self.names, self.loss_fn, len(targets) / self.batch_size, self.params, inputs,
+                    targets, with_gradient)
         except ParametersReadDirectly:
             raise  # the plain product would drop the same term
         except Exception as error:  # the plain product remains, and it reports its own errors
@@ -209,9 +274,9 @@ class HessianOperator:
 
         primals = tuple(p.detach() for p in self.params)
         total = None
-        for inputs, targets in self.chunks:
+        for chunk, (inputs, targets) in enumerate(self.chunks):
             gradient = grad(lambda params: chunk_loss(params, inputs, targets))
-            with quiet_jvp_setup():
+            with quiet_jvp_setup(), self._fixed_randomness(chunk):
                 _, product = jvp(gradient, (primals,), (tuple(tangents),))
             part = self._flat(product)
             total = part if total is None else total + part
@@ -238,12 +303,15 @@ class HessianOperator:
                 continue
             results[method] = (time.perf_counter() - started, product)
         if not results:
-            raise HessianUnsupportedError(" / ".join(f"{m}: {e}" for m, e in errors.items()))
+            raise HessianUnsupportedError(describe_unsupported(self.model, self.chunks[0][0], "double_backward",
+                                                               RuntimeError(errors["double_backward"]))
+                                          + f". Forward-over-reverse failed too ({errors['forward_over_reverse']})")
         self.method = min(results, key=lambda m: results[m][0])
         if len(results) == 2:
             forward, reverse = results["forward_over_reverse"][1], results["double_backward"][1]
             difference = ((forward - reverse).norm() / reverse.norm().clamp_min(1e-30)).item()
-            if not difference <= 1e-3:
+            # A non-finite product is not a disagreement: the solver's own check names it.
+            if math.isfinite(forward.norm().item()) and math.isfinite(reverse.norm().item()) and not difference <= 1e-3:
                 # Double backward differentiates the loss as written; keep it.
                 self.method = "double_backward"
                 errors["forward_over_reverse"] = f"its product differed from double backward's by {difference:.2e}"
@@ -286,7 +354,7 @@ class HessianOperator:
         if len(self.chunks) == 1 and self.method in ("auto", "double_backward"):
             try:
                 if self._grads is None:
-                    self._grads = self._checked_grads(*self.chunks[0])
+                    self._grads = self._checked_grads(0)
                 return self._flat([g.detach() for g in self._grads])
             except RuntimeError as error:
                 self._grads = None
@@ -295,9 +363,8 @@ class HessianOperator:
                         describe_unsupported(self.model, self.chunks[0][0], self.method, error)
                     ) from error
         total = None
-        for inputs, targets in self.chunks:
-            loss = self.loss_fn(self.model(inputs), targets) * (len(targets) / self.batch_size)
-            part = self._flat(torch.autograd.grad(loss, self.params))
+        for chunk in range(len(self.chunks)):
+            part = self._flat(self._chunk_grads(chunk, create_graph=False))
             total = part if total is None else total + part
         return total
 
@@ -352,7 +419,8 @@ def describe_unsupported(model: nn.Module, inputs: torch.Tensor, method: str, er
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     culprit = None
     try:
-        with torch.enable_grad():
+        devices = [inputs.device.index or 0] if inputs.device.type == "cuda" else []
+        with torch.enable_grad(), torch.random.fork_rng(devices=devices):  # training's random stream must not move
             model(inputs[:2])
         for name, module, args, output in records:
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
@@ -405,7 +473,9 @@ class EigenEstimate:
     lambda_2: float = math.nan
     eigenvalues: list[float] = field(default_factory=list)
     method: str = ""
-    dropout: str = "absent"  # "disabled" when the solve switched dropout layers off
+    # "disabled" when the solve switched nn.Dropout modules off, "mask fixed" when the forward
+    # pass drew random numbers anyway (functional or attention dropout), from one seed per chunk.
+    dropout: str = "absent"
     lambda_refined: float = math.nan
 
     @property
@@ -460,9 +530,14 @@ def _orthogonalize(vector: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 
 def check_tol(tol: float) -> None:
-    """Raise ValueError unless ``tol`` is a finite number >= 0. A tol of 0 never stops a solve early."""
-    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
-        raise ValueError(f"invalid tol={tol!r}: expected a finite number >= 0, such as 1e-3 (relative residual)")
+    """Raise ValueError unless 0 <= ``tol`` < 1. A tol of 0 never stops a solve early.
+
+    ``tol`` bounds the relative residual ‖Hv − θv‖/|θ|, and one of 1 or more holds for
+    vectors far from any eigenvector, so it would stop a solve after its first product.
+    """
+    if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and math.isfinite(tol) and 0 <= tol < 1):
+        raise ValueError(f"invalid tol={tol!r}: expected a number in [0, 1), such as 1e-3 (relative residual "
+                         "‖Hv − λv‖/|λ|)")
 
 
 def _unit_start(start: torch.Tensor | None, dim: int, generator: torch.Generator | None,
@@ -471,6 +546,10 @@ def _unit_start(start: torch.Tensor | None, dim: int, generator: torch.Generator
 
     Raises ValueError naming ``solver`` when the vector is zero or not finite.
     """
+    if start is not None and start.numel() != dim:
+        raise ValueError(f"the start vector of {solver} has {start.numel()} entries, but the operator acts on "
+                         f"{dim}: pass a flat vector over the same parameters (for example a previous estimate's "
+                         "eigenvector), or None")
     vector = (start if start is not None else _random_start(dim, generator, device)).to(device=device, dtype=torch.float64)
     norm = vector.norm()
     if not torch.isfinite(norm) or norm == 0:
@@ -512,8 +591,8 @@ def lanczos(
     semi-definite Hessian or once the smallest Ritz value has converged. Otherwise an
     unconverged solve's ``lambda_refined`` can exceed λ_max (by less than the residual).
     """
-    if max_iter < 1 or k < 1:
-        raise ValueError(f"invalid max_iter={max_iter} or k={k}: expected integers >= 1")
+    check_count("max_iter", max_iter, "Hessian-vector products at most")
+    check_count("k", k, "eigenvalues wanted")
     check_tol(tol)
     q = _unit_start(start, dim, generator, device, "Lanczos")
     steps = min(max_iter, dim)
@@ -601,7 +680,10 @@ def lanczos_top_eigen(operator: Operator, dim: int, max_iter: int = 50, tol: flo
 
 
 def _power(operator: Operator, start: torch.Tensor, shift: float, max_iter: int, tol: float) -> tuple[float, torch.Tensor, int, float, bool, float]:
-    """Power iteration on H + shift·I; return (θ of H, v, products, residual, converged, max ‖Hv‖)."""
+    """Power iteration on H + shift·I; return (θ of H, v, products, residual, converged, max ‖Hv‖).
+
+    θ and the residual belong to the returned v, the last vector multiplied.
+    """
     v = start / start.norm()
     theta, residual, spectral = math.nan, math.inf, 0.0
     for used in range(1, max_iter + 1):
@@ -613,7 +695,7 @@ def _power(operator: Operator, start: torch.Tensor, shift: float, max_iter: int,
             return theta, v, used, residual, True, spectral
         shifted = hv + shift * v
         norm = shifted.norm()
-        if norm == 0 or not torch.isfinite(norm):
+        if norm == 0 or not torch.isfinite(norm) or used == max_iter:
             break
         v = shifted / norm
     return theta, v, used, residual, False, spectral
@@ -644,6 +726,7 @@ def power_iteration(
     of linear least squares) power iteration converges to that subspace's top eigenvalue
     and reports it as converged. Lanczos detects that case and looks further.
     """
+    check_count("max_iter", max_iter, "Hessian-vector products at most, in each phase")
     check_tol(tol)
     start = _unit_start(start, dim, generator, device, "power iteration")
     theta, v, used, residual, converged, spectral = _power(operator, start, 0.0, max_iter, tol)
@@ -659,8 +742,7 @@ def power_iteration(
 def hutchinson_trace(operator: Operator, dim: int, samples: int = 20, generator: torch.Generator | None = None,
                      device: torch.device | str = "cpu") -> tuple[float, float]:
     """Estimate tr(H) as the mean of vᵀHv over Rademacher vectors; return (mean, standard error)."""
-    if samples < 1:
-        raise ValueError(f"invalid samples={samples}: expected an integer >= 1")
+    check_count("samples", samples, "Rademacher vectors")
     values = []
     for _ in range(samples):
         v = (torch.randint(0, 2, (dim,), generator=generator, dtype=torch.float64) * 2 - 1).to(device)
@@ -716,7 +798,13 @@ def top_eigenvalue(
     device = operator.params[0].device
     apply: Operator = operator
     if preconditioner is not None:
-        scale = preconditioner.to(device=device, dtype=torch.float64).rsqrt()
+        diagonal = preconditioner.detach().reshape(-1)
+        if diagonal.numel() != operator.dim or not bool(torch.isfinite(diagonal).all() and (diagonal > 0).all()):
+            raise ValueError(f"the preconditioner must be a flat vector of {operator.dim} finite positive entries "
+                             f"(the diagonal of P over the parameters, in order), not one of {diagonal.numel()} "
+                             "entries with a minimum of "
+                             f"{diagonal.min().item() if diagonal.numel() else math.nan:.3g}")
+        scale = diagonal.to(device=device, dtype=torch.float64).rsqrt()
         apply = lambda v: scale * operator(scale * v)  # noqa: E731
     solve = lanczos_top_eigen if estimator == "lanczos" else power_iteration
     try:
@@ -732,7 +820,7 @@ def top_eigenvalue(
     finally:
         operator.release()
     estimate.method = f"{estimate.method}/{operator.method}"
-    estimate.dropout = record["dropout"]
+    estimate.dropout = "mask fixed" if operator.random_draws else record["dropout"]
     if warn and not estimate.converged:
         warnings.warn(
             f"λ_max estimate {estimate.lambda_max:.6g} did not converge in {estimate.hvp_count} "

@@ -84,7 +84,7 @@ def _steps(matrix, start, floor=None, max_iter=6):
     """Return (θ, refined) after each Lanczos product."""
     trace = []
     lanczos(lambda v: matrix @ v, len(start), max_iter=max_iter, tol=0.0, start=start, floor=floor,
-            callback=lambda j, theta, refined: trace.append((theta, refined)))
+            callback=lambda j, theta, refined, residual: trace.append((theta, refined)))
     return trace
 
 

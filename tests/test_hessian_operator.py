@@ -1,0 +1,235 @@
+"""Regression tests for the Hessian operator: parameters the loss does not reach, random
+numbers drawn outside ``nn.Dropout``, and the checks of its inputs.
+
+References are exact: the dense Hessian of a tiny float64 model from
+``torch.autograd.functional.hessian`` and its eigenvalues from ``torch.linalg.eigvalsh``.
+"""
+
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dynamics.data import TensorLoader
+from dynamics.trainer import TrainConfig, Trainer
+from probes import HessianOperator, HessianUnsupportedError, SharpnessProbe, hutchinson_trace, lanczos, top_eigenvalue
+from probes.hessian import check_tol, power_iteration
+from test_sharpness_engine import _unsupported_model
+
+METHODS = ["auto", "double_backward", "forward_over_reverse"]
+
+
+def _dense_hessian(model, loss_fn, inputs, targets, seed=None):
+    """The dense Hessian over the trainable parameters; with ``seed``, every forward pass
+    draws its random numbers from a global generator seeded with it, as a solve's chunk 0 does."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def loss_of(vector):
+        pieces = torch.split(vector, [p.numel() for _, p in named])
+        values = {name: piece.view_as(p) for (name, p), piece in zip(named, pieces)}
+        if seed is not None:
+            torch.manual_seed(seed)
+        return loss_fn(torch.func.functional_call(model, values, (inputs,)), targets)
+
+    with torch.random.fork_rng(devices=[]):
+        return torch.autograd.functional.hessian(loss_of, flat)
+
+
+class UnusedHead(nn.Module):
+    """An MLP with an auxiliary head that this loss never reaches."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(5, 6)
+        self.head = nn.Linear(6, 3)
+        self.aux = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+class FunctionalDropout(nn.Module):
+    """Dropout through ``F.dropout``, which switching ``nn.Dropout`` modules off does not reach."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(5, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(nn.functional.dropout(torch.tanh(self.body(x)), 0.5, self.training))
+
+
+def _batch(size=16):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(size, 5, generator=generator, dtype=torch.float64), torch.randint(0, 3, (size,), generator=generator)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+@pytest.mark.parametrize("method", METHODS)
+def test_unused_parameters_have_zero_hessian(method, chunk_size):
+    """An auxiliary head outside the loss used to raise autograd's "appears to not have
+    been used in the graph" on double backward (so also under auto)."""
+    torch.manual_seed(0)
+    model = UnusedHead().double()
+    inputs, targets = _batch()
+    loss_fn = nn.CrossEntropyLoss()
+    exact = torch.linalg.eigvalsh(_dense_hessian(model, loss_fn, inputs, targets))[-1].item()
+    estimate = top_eigenvalue(model, loss_fn, inputs, targets, tol=1e-9, max_iter=100, hvp_method=method,
+                              chunk_size=chunk_size)
+    assert estimate.converged
+    assert estimate.lambda_max == pytest.approx(exact, rel=1e-8)
+    aux = slice(-sum(p.numel() for p in model.aux.parameters()), None)
+    assert torch.count_nonzero(estimate.vector[aux]) == 0
+
+
+def test_gradient_independent_of_parameters():
+    """A loss linear in a parameter has a gradient without a graph there; its Hessian rows
+    are zero, where double backward used to fail on a gradient that does not require grad."""
+    model = nn.Linear(3, 1).double()
+    loss_fn = lambda outputs, targets: (outputs.squeeze(1) * targets).mean()  # noqa: E731
+    inputs, targets = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    operator = HessianOperator(model, loss_fn, inputs, targets, method="double_backward")
+    assert torch.count_nonzero(operator(torch.ones(operator.dim, dtype=torch.float64))) == 0
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7])
+@pytest.mark.parametrize("method", METHODS)
+def test_functional_dropout_mask_is_fixed(method, chunk_size):
+    """Dropout through F.dropout stayed on during a solve: each product that reran the
+    forward pass drew a new mask, so the operator was not even symmetric, the row said
+    dropout="absent", and the probe moved training's random stream. Now every product of
+    a chunk draws the same mask and the global RNG is left as it was."""
+    torch.manual_seed(0)
+    model = FunctionalDropout().double().train()
+    inputs, targets = _batch()
+    loss_fn = nn.CrossEntropyLoss()
+    before = torch.get_rng_state()
+    estimate = top_eigenvalue(model, loss_fn, inputs, targets, tol=1e-9, max_iter=100, hvp_method=method,
+                              chunk_size=chunk_size)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert estimate.dropout == "mask fixed"
+    assert estimate.converged
+    if chunk_size is None:  # one chunk, one mask: the Hessian of the loss with that mask
+        exact = torch.linalg.eigvalsh(_dense_hessian(model, loss_fn, inputs, targets, seed=0))[-1].item()
+        assert estimate.lambda_max == pytest.approx(exact, rel=1e-8)
+    else:  # each chunk its own mask, the same in every product: a symmetric operator
+        operator = HessianOperator(model, loss_fn, inputs, targets, chunk_size=chunk_size, method=method)
+        u, v = torch.randn(2, operator.dim, dtype=torch.float64)
+        assert torch.dot(u, operator(v)).item() == pytest.approx(torch.dot(v, operator(u)).item(), rel=1e-10)
+
+
+def test_probe_leaves_training_with_functional_dropout_unchanged():
+    """Training with a sharpness probe every step gives the same parameters, bit for bit,
+    as training without it, on a model whose dropout the probe cannot switch off."""
+    def train(with_probe):
+        torch.manual_seed(0)
+        model = FunctionalDropout().train()
+        inputs, targets = torch.randn(32, 5), torch.randint(0, 3, (32,))
+        probes = [SharpnessProbe(inputs[:8], targets[:8], every_steps=1, max_iter=10)] if with_probe else []
+        loader = TensorLoader(inputs, targets, 8, shuffle=True, seed=0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        result = Trainer(model, nn.CrossEntropyLoss(), loader, loader, optimizer, TrainConfig(2, progress=False),
+                         probes).fit()
+        return model, result
+
+    plain, _ = train(False)
+    probed, result = train(True)
+    assert {row["dropout"] for row in result.recorder.rows("sharpness")} == {"mask fixed"}
+    for a, b in zip(plain.parameters(), probed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_nn_dropout_still_disabled():
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).double().train()
+    inputs, targets = _batch()
+    estimate = top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, tol=1e-9, max_iter=100)
+    model.eval()
+    exact = torch.linalg.eigvalsh(_dense_hessian(model, nn.CrossEntropyLoss(), inputs, targets))[-1].item()
+    assert estimate.dropout == "disabled"
+    assert estimate.lambda_max == pytest.approx(exact, rel=1e-8)
+
+
+def _small():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double(), *_batch()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda x, y: (x, y[:10]), r"inputs and targets differ in length \(16 and 10\)"),
+    (lambda x, y: (x[:0], y[:0]), r"the sharpness batch is empty"),
+])
+def test_operator_rejects_bad_batches(change, message):
+    """A shorter target tensor used to cut the inputs silently to its length."""
+    model, inputs, targets = _small()
+    with pytest.raises(ValueError, match=message):
+        top_eigenvalue(model, nn.CrossEntropyLoss(), *change(inputs, targets))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"chunk_size": 0}, r"invalid chunk_size=0: expected an integer >= 1"),
+    ({"chunk_size": 2.5}, r"invalid chunk_size=2.5"),
+    ({"max_iter": 2.5}, r"invalid max_iter=2.5: expected an integer >= 1"),
+    ({"max_iter": 0, "estimator": "power"}, r"invalid max_iter=0"),
+    ({"tol": 5}, r"invalid tol=5: expected a number in \[0, 1\)"),
+    ({"tol": True}, r"invalid tol=True"),
+    ({"start": torch.ones(5, dtype=torch.float64)}, r"has 5 entries, but the operator acts on 39"),
+    ({"preconditioner": torch.ones(5)}, r"flat vector of 39 finite positive entries"),
+    ({"preconditioner": -torch.ones(39)}, r"flat vector of 39 finite positive entries"),
+])
+def test_top_eigenvalue_rejects_bad_options(options, message):
+    model, inputs, targets = _small()
+    with pytest.raises(ValueError, match=message):
+        top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, **options)
+
+
+def test_no_trainable_parameter_is_named():
+    model, inputs, targets = _small()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
+        top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets)
+
+
+def test_solver_counts_must_be_integers():
+    matrix = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"invalid k=2.0"):
+        lanczos(lambda v: matrix @ v, 3, k=2.0)
+    with pytest.raises(ValueError, match=r"invalid samples=2.5"):
+        hutchinson_trace(lambda v: matrix @ v, 3, samples=2.5)
+    with pytest.raises(ValueError, match=r"invalid tol=1.0"):
+        check_tol(1.0)
+
+
+def test_unconverged_power_iteration_returns_its_own_vector():
+    """An unconverged power iteration used to return the next iterate, not the vector
+    whose Rayleigh quotient and residual it reported."""
+    generator = torch.Generator().manual_seed(3)
+    basis, _ = torch.linalg.qr(torch.randn(20, 20, generator=generator, dtype=torch.float64))
+    matrix = basis @ torch.diag(torch.linspace(1.0, 2.0, 20, dtype=torch.float64)) @ basis.T
+    estimate = power_iteration(lambda v: matrix @ v, 20, max_iter=4, tol=1e-12, generator=generator)
+    assert not estimate.converged
+    v = estimate.vector
+    assert torch.dot(v, matrix @ v).item() == pytest.approx(estimate.lambda_max, rel=1e-12)
+    assert (matrix @ v - estimate.lambda_max * v).norm().item() == pytest.approx(estimate.residual, rel=1e-10)
+
+
+def test_auto_names_the_module_without_second_derivative():
+    """Under auto, the error used to list both paths' raw messages without the module."""
+    model = _unsupported_model()
+    inputs, targets = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(HessianUnsupportedError, match=r"module '1' \(FusedSquare\).*Forward-over-reverse failed too"):
+        top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, hvp_method="auto")
+
+
+def test_auto_with_nan_parameters_does_not_blame_a_path(caplog):
+    """A NaN parameter used to log "forward_over_reverse failed (its product differed ... by nan)"
+    before the clear error."""
+    model, inputs, targets = _small()
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.nan
+    with caplog.at_level(logging.WARNING), pytest.raises(FloatingPointError, match="not finite"):
+        top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, hvp_method="auto", start=torch.ones(39))
+    assert "differed" not in caplog.text
