@@ -4,10 +4,13 @@ pyhessian (Yao et al., 2020) switches the model to eval mode, fills ``.grad`` th
 ``loss.backward(create_graph=True)``, draws its start vector from the global RNG and
 returns the eigenvalue of largest magnitude from power iteration. The wrapper
 restores mode, buffers, ``.grad`` and the RNG, and counts the Hessian-vector products.
+A negative value is that largest-magnitude eigenvalue, not λ_max, so the wrapper marks
+it unconverged and logs a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from typing import Callable
@@ -17,6 +20,8 @@ from torch import nn
 
 from probes.hessian import EigenEstimate
 from probes.state import preserved_model_state
+
+log = logging.getLogger(__name__)
 
 
 def pyhessian_top_eigenvalue(
@@ -30,7 +35,9 @@ def pyhessian_top_eigenvalue(
     """Return pyhessian's top eigenvalue (BatchNorm in eval mode, as pyhessian does).
 
     ``residual`` is NaN (pyhessian does not report one); ``converged`` means the
-    power iteration stopped before ``max_iter`` products.
+    power iteration stopped before ``max_iter`` products. pyhessian's power iteration
+    finds the eigenvalue of largest magnitude, which is λ_max only when it is positive.
+    A negative value is returned as it is, with ``converged=False`` and a logged warning.
     """
     try:
         import sys
@@ -67,4 +74,12 @@ def pyhessian_top_eigenvalue(
             for p, grad in zip(params, saved_grads):
                 p.grad = grad
     vector = torch.cat([v.reshape(-1) for v in vectors[0]]).to(torch.float64)
-    return EigenEstimate(float(values[0]), vector, count, math.nan, count < max_iter, method="pyhessian/power")
+    value = float(values[0])
+    converged = count < max_iter
+    if value < 0:
+        log.warning(
+            "pyhessian returned %.6g, the eigenvalue of largest magnitude, which is not λ_max when negative; "
+            "marked converged=False. Use backend='ours' for λ_max", value,
+        )
+        converged = False
+    return EigenEstimate(value, vector, count, math.nan, converged, method="pyhessian/power")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -12,7 +13,8 @@ from dynamics.distributed import sum_over_ranks
 
 from dynamics.events import Callback, TrainState
 from probes.backends import pyhessian_top_eigenvalue
-from probes.hessian import ESTIMATORS, HVP_METHODS, EigenEstimate, HessianUnsupportedError, check_tol, top_eigenvalue
+from probes.hessian import (ESTIMATORS, HVP_METHODS, EigenEstimate, HessianUnsupportedError, check_tol, is_integer,
+                            top_eigenvalue)
 from probes.state import preserved_model_state
 from probes.thresholds import adam_preconditioner, adam_threshold, eos_deviation, stability_thresholds
 
@@ -35,6 +37,13 @@ def _inner_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
+def _optimized_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Return the trainable parameters of ``model`` that ``optimizer`` updates, in the
+    order of ``model.named_parameters()`` (the order of the Hessian's rows)."""
+    optimized_ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return [p for _, p in model.named_parameters() if p.requires_grad and id(p) in optimized_ids]
+
+
 class SharpnessProbe(Callback):
     """Measure λ_max on a fixed sharpness batch and compare it with the stability thresholds.
 
@@ -44,7 +53,7 @@ class SharpnessProbe(Callback):
         every_epochs: measure at the end of every this many epochs (0: only after the
             last epoch).
         every_steps: also measure after every this many optimizer steps (0: never).
-        momentum: heavy-ball β of an SGD optimizer, for the (2+2β)/h threshold.
+        momentum: heavy-ball β in [0, 1) of an SGD optimizer, for the (2+2β)/h threshold.
         bn_mode: ``train`` evaluates BatchNorm with batch statistics, as in the loss the
             optimizer descends; ``eval`` uses running statistics. Buffers are restored.
         max_iter, tol: budget in Hessian-vector products and relative residual tolerance.
@@ -65,9 +74,11 @@ class SharpnessProbe(Callback):
             records λ_max of the union. A DDP-wrapped model is unwrapped for the solve.
 
     Rows go to the ``sharpness`` frame, one per threshold kind; h is the step size the
-    optimizer took at the latest step (``state.measurement.effective_lr``). Under Adam
-    or AdamW the probe also measures the preconditioned sharpness λ_max(P^-1/2 H P^-1/2),
-    P = diag(sqrt(v̂) + ε) from the optimizer's own state, against (2+2β1)/(h(1−β1))
+    optimizer took at the latest step (``state.measurement.effective_lr``). The Hessian
+    is over the trainable parameters in the optimizer's ``param_groups``, because the
+    others never move. Under Adam or AdamW the probe also measures the preconditioned
+    sharpness λ_max(P^-1/2 H P^-1/2), P = diag(sqrt(v̂) + ε) from the optimizer's own
+    state, against (2+2β1)/(h(1−β1))
     (row ``preconditioned=True``); the raw λ_max row against 2/h is kept and a warning
     notes that it is not the stability criterion for Adam. A model whose operations have no
     second derivative switches the probe off with a logged reason, recorded in the
@@ -101,11 +112,16 @@ class SharpnessProbe(Callback):
         for ok, name, value, allowed in checks:
             if not ok:
                 raise ValueError(f"invalid {name}={value!r}: expected one of {allowed}")
-        if max_iter < 1:
-            raise ValueError(f"invalid max_iter={max_iter}: expected an integer >= 1 (Hessian-vector products per solve)")
+        if not (is_integer(max_iter) and max_iter >= 1):
+            raise ValueError(f"invalid max_iter={max_iter!r}: expected an integer >= 1 (Hessian-vector products per solve)")
         check_tol(tol)  # the solvers check it too, but only at the first solve, inside training
-        if every_epochs < 0 or every_steps < 0:
-            raise ValueError(f"invalid cadence every_epochs={every_epochs}, every_steps={every_steps}: expected >= 0")
+        for name, value in (("every_epochs", every_epochs), ("every_steps", every_steps)):
+            if not (is_integer(value) and value >= 0):
+                raise ValueError(f"invalid {name}={value!r}: expected an integer >= 0 (0 switches this cadence off)")
+        real = isinstance(momentum, numbers.Real) and not isinstance(momentum, bool)
+        if not (real and math.isfinite(momentum) and 0 <= momentum < 1):
+            raise ValueError(f"invalid momentum={momentum!r}: expected the SGD heavy-ball β, a number in [0, 1) "
+                             "(0 without momentum)")
         if backend == "pyhessian" and bn_mode != "eval":
             log.info("the pyhessian backend evaluates BatchNorm in eval mode; bn_mode set to 'eval'")
             bn_mode = "eval"
@@ -137,9 +153,17 @@ class SharpnessProbe(Callback):
             self._batch_size = sum_over_ranks(len(self.targets), self.targets.device, self.group)
         return self._batch_size
 
-    def measure(self, model: nn.Module, loss_fn: nn.Module, preconditioner: torch.Tensor | None = None) -> EigenEstimate:
-        """Estimate λ_max now (of P^-1/2 H P^-1/2 when a preconditioner is given), leaving the model as it was."""
+    def measure(self, model: nn.Module, loss_fn: nn.Module, preconditioner: torch.Tensor | None = None,
+                params: list[torch.Tensor] | None = None) -> EigenEstimate:
+        """Estimate λ_max now (of P^-1/2 H P^-1/2 when a preconditioner is given), leaving the model as it was.
+
+        The Hessian is over ``params`` (by default every parameter with ``requires_grad``),
+        ordered as in ``model.named_parameters()``. The preconditioner follows that order.
+        """
         preconditioned = preconditioner is not None
+        if params is not None and not params:
+            raise ValueError("params is empty: pass the parameters to take the Hessian over, or None for every "
+                             "trainable parameter")
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module  # DDP's gradient hooks must not see the solve; products are all-reduced instead
         with preserved_model_state(model):
@@ -147,6 +171,10 @@ class SharpnessProbe(Callback):
             if self.backend == "pyhessian":
                 if preconditioned:
                     raise ValueError("the pyhessian backend has no preconditioned sharpness; use backend='ours'")
+                trainable = {id(p) for p in model.parameters() if p.requires_grad}
+                if params is not None and {id(p) for p in params} != trainable:
+                    raise ValueError("the pyhessian backend takes the Hessian over every trainable parameter, not "
+                                     "over a subset; use backend='ours'")
                 estimate = pyhessian_top_eigenvalue(model, loss_fn, self.inputs, self.targets, self.max_iter, self.tol)
             else:
                 start = self._start_vector(preconditioned)
@@ -155,7 +183,7 @@ class SharpnessProbe(Callback):
                     max_iter=self.max_iter, tol=self.tol, start=start,
                     generator=self.generator, chunk_size=self.chunk_size, warn=False,
                     hvp_method=self.hvp_method, estimator=self.estimator, preconditioner=preconditioner,
-                    group=self.group,
+                    group=self.group, params=params,
                 )
                 self.hvp_method = estimate.method.split("/")[-1]  # keep the path "auto" chose
         previous = self.previous[preconditioned]
@@ -239,23 +267,24 @@ class SharpnessProbe(Callback):
         h = state.measurement.effective_lr if state.measurement is not None else math.nan
         inner = _inner_optimizer(state.optimizer)
         adam = isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+        params = _optimized_params(state.model, inner)
         try:
-            estimate = self.measure(state.model, state.loss_fn)
+            estimate = self.measure(state.model, state.loss_fn, params=params)
             rows = [self._row(state, estimate, kind, value, False)
                     for kind, value in stability_thresholds(h, 0.0 if adam else self.momentum).items()]
             if adam:
                 if not self._warned_adam:
                     log.warning(
                         "%s: under Adam, raw λ_max against 2/h is not the stability criterion; compare the "
-                        "preconditioned sharpness (rows with preconditioned=True) with (2+2β1)/(h(1-β1))",
-                        state.run_id,
+                        "preconditioned sharpness (rows with preconditioned=True) with (2+2β1)/(h(1-β1))%s",
+                        state.run_id, ". The pyhessian backend cannot measure it, so those rows are left out; "
+                        "use backend='ours' for them" if self.backend == "pyhessian" else "",
                     )
                     self._warned_adam = True
-                params = [p for p in state.model.parameters() if p.requires_grad]
-                diagonal = adam_preconditioner(inner, params)
+                diagonal = adam_preconditioner(inner, params) if self.backend == "ours" else None
                 if diagonal is not None:
                     beta1 = inner.param_groups[0]["betas"][0]
-                    estimate = self.measure(state.model, state.loss_fn, diagonal)
+                    estimate = self.measure(state.model, state.loss_fn, diagonal, params)
                     rows.append(self._row(state, estimate, "(2+2β1)/(h(1-β1))", adam_threshold(h, beta1), True))
         except HessianUnsupportedError as error:
             self.disabled_reason = str(error)

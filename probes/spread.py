@@ -38,21 +38,43 @@ def sharpness_spread(
 ) -> SharpnessSpread:
     """Estimate λ_max on every batch for every start seed, leaving the model as it was.
 
+    Each solve starts from a Gaussian vector drawn from ``torch.Generator().manual_seed(seed)``,
+    not from the loss gradient, and that generator also serves the solver's restarts.
     Batch-to-batch spread is the sampling error of a one-batch sharpness; seed-to-seed
-    spread on one batch is the estimator's own error. ``kwargs`` go to
-    :func:`probes.hessian.top_eigenvalue`.
+    spread on one batch is the estimator's error from its start vector, which shrinks
+    with ``tol``. ``kwargs`` go to :func:`probes.hessian.top_eigenvalue`, except
+    ``start`` and ``generator``, which the seeds set.
     """
     if not batches:
         raise ValueError("sharpness_spread needs at least one (inputs, targets) batch")
+    seeds = tuple(seeds)
+    if not seeds:
+        raise ValueError(f"invalid seeds={seeds!r}: expected at least one seed, such as seeds=(0,)")
+    for name in ("start", "generator"):
+        if name in kwargs:
+            raise ValueError(f"sharpness_spread sets {name} from each seed, so it takes no {name}= argument. "
+                             "Pass seeds=(...) instead")
+    dim = _hessian_dim(model, kwargs.get("params"))
     values, converged = [], []
     with preserved_model_state(model):
         model.train(bn_mode == "train")
         for inputs, targets in batches:
             for seed in seeds:
+                generator = torch.Generator().manual_seed(seed)
+                start = torch.randn(dim, generator=generator, dtype=torch.float64)
                 estimate = top_eigenvalue(
-                    model, loss_fn, inputs, targets, generator=torch.Generator().manual_seed(seed), warn=False, **kwargs
+                    model, loss_fn, inputs, targets, start=start, generator=generator, warn=False, **kwargs
                 )
                 values.append(estimate.lambda_max)
                 converged.append(estimate.converged)
     std = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
     return SharpnessSpread(values, converged, float(np.mean(values)), std)
+
+
+def _hessian_dim(model: nn.Module, params: Sequence[torch.Tensor] | None) -> int:
+    """Return the size of the Hessian that :func:`top_eigenvalue` takes over ``params``."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if params is not None:
+        requested = {id(p) for p in params}
+        trainable = [p for p in trainable if id(p) in requested]
+    return sum(p.numel() for p in trainable)

@@ -41,18 +41,34 @@ def adam_preconditioner(optimizer, params) -> "torch.Tensor | None":
     """Return the flat diagonal of Adam's P = sqrt(v̂) + ε for ``params``, or None before any step.
 
     v̂ is the bias-corrected second moment ``exp_avg_sq / (1 − β2^t)`` read from the
-    optimizer's own state, with its own ε, as the next Adam step would use it.
+    optimizer's own state, with its own ε, as the next Adam step would use it. In a
+    group with ``amsgrad=True``, v̂ is ``max_exp_avg_sq / (1 − β2^t)``, because AMSGrad
+    divides by the running maximum of the second moment.
+
+    Raises ValueError for a parameter that is in none of the optimizer's ``param_groups``.
     """
     import torch
 
     pieces = []
-    for p in params:
-        group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+    for index, p in enumerate(params):
+        group = _param_group(optimizer, p, index)
         state = optimizer.state.get(p, {})
         if "exp_avg_sq" not in state:
             return None
         step = float(state["step"])
         beta2, eps = group["betas"][1], group["eps"]
-        second = state["exp_avg_sq"] / (1.0 - beta2**step)
+        moment = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+        second = moment / (1.0 - beta2**step)
         pieces.append((second.sqrt() + eps).reshape(-1).to(torch.float64))
     return torch.cat(pieces)
+
+
+def _param_group(optimizer, param, index: int) -> dict:
+    """Return the parameter group of ``optimizer`` that contains ``param`` (``params[index]``)."""
+    for group in optimizer.param_groups:
+        if any(q is param for q in group["params"]):
+            return group
+    raise ValueError(
+        f"params[{index}] (shape {tuple(param.shape)}) is not in the optimizer's param_groups, so the optimizer "
+        "has no second moment for it. Pass only parameters that the optimizer updates"
+    )
