@@ -110,6 +110,10 @@ class RunConfig:
             (0 < self.lr_factor <= 1, "lr_factor", self.lr_factor, "a number in (0, 1]"),
             (self.sharpness_every >= 0, "sharpness_every", self.sharpness_every, "an integer >= 0"),
             (self.sharpness_batch >= 1, "sharpness_batch", self.sharpness_batch, "an integer >= 1"),
+            (isinstance(self.sharpness_max_iter, int) and self.sharpness_max_iter >= 1, "sharpness_max_iter",
+             self.sharpness_max_iter, "an integer >= 1 (Hessian-vector products per solve)"),
+            (isinstance(self.sharpness_tol, (int, float)) and 0 <= self.sharpness_tol < 1, "sharpness_tol",
+             self.sharpness_tol, "a number in [0, 1), the relative residual at which a solve stops"),
         ]
         if self.method == "dgclip":
             delta_ok = self.delta is not None and 0 <= self.delta <= 1

@@ -284,3 +284,14 @@ def test_sharpness_hvp_option_reaches_probe(tmp_path):
     assert set(frames["double_backward"]["estimator"]) == {"lanczos/double_backward"}
     assert frames["forward_over_reverse"]["lambda_max"].tolist() == pytest.approx(
         frames["double_backward"]["lambda_max"].tolist(), rel=1e-4)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"sharpness_tol": 2.0}, "invalid sharpness_tol=2.0: expected a number in [0, 1)"),
+    ({"sharpness_max_iter": 0}, "invalid sharpness_max_iter=0: expected an integer >= 1"),
+])
+def test_run_config_checks_sharpness_solver(options, message):
+    """Out-of-range solver settings used to pass the config and fail only when a run built its probe."""
+    with pytest.raises(ValueError) as error:
+        RunConfig(**options)
+    assert message in str(error.value)
