@@ -177,7 +177,7 @@ def own_stop(trace, reference):
     """Return (seconds, products, relative error of λ_max) where our own rule at tolerance
     ACCURACY stops on ``trace``: at the first product whose residual is at most
     ACCURACY·|θ|, as a solve with ``tol=ACCURACY`` would. The solve up to that product
-    is the same with any smaller ``tol``, so a tight trace holds the stop. A trace that
+    is the same with any smaller ``tol``, so a tight trace contains the stop. A trace that
     never gets there counts whole, as a solve that ran out of products."""
     for index, (seconds, theta, _, residual) in enumerate(trace):
         if residual <= ACCURACY * abs(theta):

@@ -22,8 +22,11 @@ METHODS = ["auto", "double_backward", "forward_over_reverse"]
 
 
 def _dense_hessian(model, loss_fn, inputs, targets, seed=None):
-    """The dense Hessian over the trainable parameters; with ``seed``, every forward pass
-    draws its random numbers from a global generator seeded with it, as a solve's chunk 0 does."""
+    """Return the dense Hessian over the trainable parameters.
+
+    With ``seed``, every forward pass draws its random numbers from the global generator
+    seeded with it, as a solve does for its first chunk.
+    """
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     flat = torch.cat([p.detach().reshape(-1) for _, p in named])
 

@@ -327,11 +327,14 @@ def _make_weighted_loss():
     (_change_closure_dict, _make_weighted_loss(), None),
 ])
 def test_cached_split_sees_changed_values(change, loss_fn, changed_loss, monkeypatch):
-    """Values outside the parameters and buffers that a trace would freeze are part of the cache
-    key: a frozen parameter replaced, a float or tensor attribute, a global a loss reads, a
-    fresh loss with a different private setting, an entry of a config dict, a swapped
-    activation function, a field of a config object and a dict in the loss's closure. The
-    last four used to return the old Hessian. Each solve after a change matches double backward."""
+    """Check that each value a trace would freeze, other than parameters and buffers, is part of the cache key.
+
+    The cases: a frozen parameter replaced, a float or tensor attribute, a global a loss
+    reads, a fresh loss with a different private setting, an entry of a config dict, a
+    swapped activation function, a field of a config object, and a dict in the loss's
+    closure. The last four used to return the old Hessian. Each solve after a change
+    must match double backward.
+    """
     monkeypatch.setitem(globals(), "SMOOTHING", 0.0)
     monkeypatch.setitem(CONFIG, "weight", 1.0)
     torch.manual_seed(0)
