@@ -107,6 +107,8 @@ def _panels(count: int, ncols_max: int = 3, sharey: bool = True):
 
 def _with_method(frame: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     columns = ["run_id", "depth", "width", "method", "delta"]
+    if "run_id" not in frame:
+        return pd.DataFrame(columns=columns)  # the frame of a study that measured nothing has no columns
     return frame.merge(runs[columns], on="run_id", how="inner")
 
 

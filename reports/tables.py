@@ -136,31 +136,43 @@ def write_table(table: pd.DataFrame, directory: Path, name: str, caption: str) -
     paths = [directory / f"{name}.{suffix}" for suffix in ("csv", "md", "tex")]
     atomic_write_text(paths[0], table.to_csv(index=False))
     atomic_write_text(paths[1], to_markdown(table) + "\n")
-    latex = table.to_latex(
+    latex = latex_cells(table).to_latex(
         index=False, float_format=lambda x: f"{x:.4g}", na_rep="--", caption=latex_text(caption), label=f"tab:{name}",
-        escape=True,
+        escape=False,
     )
     atomic_write_text(paths[2], latex)
     return paths
 
 
 LATEX_REPLACEMENTS = [
-    ("λ_max", r"$\lambda_{\max}$"), ("λ1/λ2", r"$\lambda_1/\lambda_2$"), ("δ*", r"$\delta^*$"), ("δ", r"$\delta$"),
-    ("η", r"$\eta$"), ("β", r"$\beta$"), ("γ", r"$\gamma$"), ("·", r"$\cdot$"), ("−", "-"), ("|", r"$|$"),
-    ("%", r"\%"), ("_", r"\_"), ("&", r"\&"),
+    ("λ_max", r"$\lambda_{\max}$"), ("λ1/λ2", r"$\lambda_1/\lambda_2$"), ("λ", r"$\lambda$"),
+    ("δ*", r"$\delta^*$"), ("δ", r"$\delta$"), ("η", r"$\eta$"), ("β1", r"$\beta_1$"), ("β", r"$\beta$"),
+    ("γ", r"$\gamma$"), ("·", r"$\cdot$"), ("−", "-"), ("|", r"$|$"), ("%", r"\%"), ("_", r"\_"), ("&", r"\&"),
+    ("#", r"\#"), ("$", r"\$"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"),
+    ("^", r"\textasciicircum{}"), ("\\", r"\textbackslash{}"),
 ]
 
 
 def latex_text(text: str) -> str:
-    """Rewrite a caption with Unicode math and special characters for LaTeX."""
+    """Rewrite a caption or cell with Unicode math and special characters for LaTeX."""
     placeholders = {}
     for index, (plain, latex) in enumerate(LATEX_REPLACEMENTS):
-        token = f"\x00{index}\x00"
+        # Distinct start and end marks: with one mark for both, the end of one token, a
+        # digit of the text and the start of the next would read as another token.
+        token = f"\x00{index}\x01"
         placeholders[token] = latex
         text = text.replace(plain, token)
     for token, latex in placeholders.items():
         text = text.replace(token, latex)
     return text
+
+
+def latex_cells(table: pd.DataFrame) -> pd.DataFrame:
+    """Return ``table`` with its column names and text cells rewritten by ``latex_text``."""
+    table = table.rename(columns=lambda column: latex_text(str(column)))
+    for column in table.select_dtypes(include=["object", "string"]).columns:
+        table[column] = table[column].map(lambda value: latex_text(value) if isinstance(value, str) else value)
+    return table
 
 
 def to_markdown(table: pd.DataFrame) -> str:
