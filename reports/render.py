@@ -15,54 +15,91 @@ log = logging.getLogger(__name__)
 
 FRAME_NAMES = ("runs", "steps", "epochs", "sharpness", "grad_hist", "probe_events")
 
+# Columns that the tables and figures read from every non-empty frame of that name.
+REQUIRED_COLUMNS = {
+    "runs": ("run_id", "status", "optimizer", "method"),
+    "steps": ("run_id", "epoch", "step", "loss"),
+    "epochs": ("run_id", "epoch"),
+    "sharpness": ("run_id", "epoch", "step", "lambda_max", "threshold_kind", "threshold", "deviation", "converged"),
+}
+
+STUDY_FILE_FIX = ("delete it and rerun the `eos study` command that wrote this directory, which rewrites it and "
+                  "reuses the finished runs; without it, `eos report` reports every finished run under runs/")
+
 
 class ReportError(RuntimeError):
-    """A study directory contains no frames to report on."""
+    """A study directory cannot be reported on: it is missing, damaged or has no finished runs."""
 
 
-def _read_parquet(path: Path) -> pd.DataFrame:
+def _damaged_file_fix(path: Path) -> str:
+    """Return how to repair a damaged frame file: a collected frame is rewritten, a run's frame needs its run again."""
+    if path.parent.name == "frames":
+        return ("delete it and rerun the same `eos study` command, which rewrites it from the runs' own frames "
+                "under runs/ (`eos report` reads those while it is missing)")
+    return f"delete {path.parent} and rerun the same `eos study` command to train that run again"
+
+
+def _read_parquet(path: Path, name: str) -> pd.DataFrame:
+    """Read the frame ``name`` from ``path``, or raise :class:`ReportError` naming the file and the fix if it is damaged."""
     try:
-        return pd.read_parquet(path)
+        frame = pd.read_parquet(path)
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
-        raise ReportError(f"corrupt frame {path}: {error}; delete it and rerun the study command to rewrite it") from error
+        raise ReportError(f"corrupt frame {path}: {error}; {_damaged_file_fix(path)}") from error
+    missing = [column for column in REQUIRED_COLUMNS.get(name, ()) if column not in frame]
+    if missing and not frame.empty:
+        raise ReportError(f"invalid frame {path}: required columns {missing} are missing; {_damaged_file_fix(path)}")
+    return frame
 
 
-def _current_collected_runs(directory: Path) -> pd.DataFrame | None:
-    """Return ``frames/runs.parquet`` if it lists exactly the finished runs (``runs/*/status.json``), else None."""
+def _finished_runs(directory: Path, run_ids: list[str] | None) -> list[str]:
+    """Return the runs with a ``runs/*/status.json``, restricted to ``run_ids`` when given."""
+    finished = sorted(p.parent.name for p in directory.glob("runs/*/status.json"))
+    return finished if run_ids is None else [run_id for run_id in finished if run_id in set(run_ids)]
+
+
+def _current_collected_runs(directory: Path, run_ids: list[str] | None) -> pd.DataFrame | None:
+    """Return ``frames/runs.parquet`` if it lists exactly the finished runs to report, else None."""
     path = directory / "frames" / "runs.parquet"
     if not path.is_file():
         return None
-    collected = _read_parquet(path)
-    finished = sorted(p.parent.name for p in directory.glob("runs/*/status.json"))
+    collected = _read_parquet(path, "runs")
+    finished = _finished_runs(directory, None)
     listed = sorted(collected["run_id"]) if "run_id" in collected else []
-    return collected if not finished or listed == finished else None
+    if run_ids is not None:
+        listed = [run_id for run_id in listed if run_id in set(run_ids)]
+    return collected if not finished or listed == _finished_runs(directory, run_ids) else None
 
 
-def read_frames(directory: Path) -> dict[str, pd.DataFrame]:
+def read_frames(directory: Path, run_ids: list[str] | None = None) -> dict[str, pd.DataFrame]:
     """Read ``frames/*.parquet``, or concatenate ``runs/*/*.parquet`` when those are absent or out of date.
 
     The collected frames are out of date when runs finished after they were written
-    (for example by SLURM tasks or worker processes of another command).
+    (for example by SLURM tasks or worker processes of another command). With
+    ``run_ids`` only the rows of those runs are returned, so runs of another grid
+    left in the directory stay out of the report.
     """
     if not directory.exists():
         raise ReportError(f"study directory {directory} not found; pass the --out of an `eos study` command")
     if not directory.is_dir():
         raise ReportError(f"{directory} is a file; pass the study directory (the --out of `eos study`)")
-    collected_runs = _current_collected_runs(directory)
+    collected_runs = _current_collected_runs(directory, run_ids)
+    finished = _finished_runs(directory, run_ids)
     frames = {}
     for name in FRAME_NAMES:
         path = directory / "frames" / f"{name}.parquet"
         if collected_runs is not None and path.is_file():
-            frames[name] = collected_runs if name == "runs" else _read_parquet(path)
-            continue
-        parts = [_read_parquet(p) for p in sorted(directory.glob(f"runs/*/{name}.parquet"))]
-        parts = [p for p in parts if not p.empty]
-        frames[name] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+            frames[name] = collected_runs if name == "runs" else _read_parquet(path, name)
+        else:
+            run_paths = [directory / "runs" / run_id / f"{name}.parquet" for run_id in finished]
+            parts = [_read_parquet(run_path, name) for run_path in run_paths if run_path.is_file()]
+            parts = [part for part in parts if not part.empty]
+            frames[name] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        if run_ids is not None and "run_id" in frames[name]:
+            frames[name] = frames[name][frames[name]["run_id"].isin(run_ids)].reset_index(drop=True)
     if frames["runs"].empty:
-        raise ReportError(
-            f"no runs to report in {directory}: expected frames/runs.parquet or runs/*/runs.parquet; "
-            "run `eos study ... --out DIR` first"
-        )
+        detail = ("no run of the grid in study.json has finished" if run_ids is not None
+                  else "expected frames/runs.parquet or runs/*/runs.parquet")
+        raise ReportError(f"no runs to report in {directory}: {detail}; run `eos study ... --out DIR` first")
     frames["runs"] = tables.legend_methods(frames["runs"])
     return frames
 
@@ -124,27 +161,52 @@ def _sharpness_specs(frames: dict[str, pd.DataFrame]) -> tuple[list, list]:
     runs, sharpness = frames["runs"], frames["sharpness"]
     table_specs = [
         ("eos_summary", sharpness_report.eos_summary_table(sharpness, runs),
-         "Per run: λ_max at the start, its peak, and its median over the last third of training against the "
-         "stability threshold; final_ratio near 1 means the run sits at the edge of stability."),
+         "Per run: its status, the first measured λ_max (at step initial_step), its peak, and its median over "
+         "the last third of training against the stability threshold; final_ratio near 1 means the run sits at "
+         "the edge of stability. A run that diverged before its first measurement has no values."),
         ("runs", tables.runs_table(runs), "Every run with its final metrics."),
     ]
     figure_specs = [
         ("sharpness_trajectory", sharpness_report.sharpness_trajectory_figure(sharpness, runs),
          "λ_max over steps (solid) against the run's stability threshold (dashed); shaded: the final phase."),
         ("train_loss", sharpness_report.train_loss_figure(frames["steps"], runs),
-         "Training loss over steps, one line per step size."),
+         "Training loss over steps, one line per run, labelled by step size (and by method when the study "
+         "has several)."),
     ]
     return table_specs, figure_specs
 
 
-def render_report(directory: str | Path, expected_runs: list[str] | None = None) -> Path:
+def read_study_file(directory: Path) -> dict | None:
+    """Return the contents of ``directory/study.json``, or None when there is none.
+
+    Raises :class:`ReportError` naming the file and the fix when it is not a JSON object.
+    """
+    path = directory / "study.json"
+    if not path.is_file():
+        return None
+    try:
+        study = json.loads(path.read_text())
+    except ValueError as error:
+        raise ReportError(f"invalid study file {path}: it is not valid JSON ({error}); {STUDY_FILE_FIX}") from error
+    if not isinstance(study, dict):
+        raise ReportError(f"invalid study file {path}: expected a JSON object, found a {type(study).__name__}; "
+                          f"{STUDY_FILE_FIX}")
+    return study
+
+
+def render_report(directory: str | Path, expected_runs: list[str] | None = None,
+                  finished_runs: list[str] | None = None) -> Path:
     """Write tables (CSV, Markdown, LaTeX), figures (PNG, PDF) and report.md; return report.md.
 
-    With ``expected_runs`` (the run ids of the study's grid), report.md names the runs
-    that have not finished, so a partial report is marked as partial.
+    With ``expected_runs`` (the run ids of the study's grid), only those runs are
+    reported, and report.md names the ones that have not finished, so a partial report
+    is marked as partial. ``finished_runs`` narrows the reported runs further to those
+    that finished with the grid's settings (the caller checks their configs).
+    Everything is read and checked before the first file is written.
     """
     directory = Path(directory)
-    frames = read_frames(directory)
+    study = read_study_file(directory) if directory.is_dir() else None
+    frames = read_frames(directory, finished_runs if finished_runs is not None else expected_runs)
     runs = frames["runs"]
     table_dir, figure_dir = directory / "tables", directory / "figures"
     kind = runs["study"].iloc[0] if "study" in runs else "depth"
@@ -160,9 +222,7 @@ def render_report(directory: str | Path, expected_runs: list[str] | None = None)
         figures.save_figure(fig, figure_dir, name)
 
     lines = [f"# Study report: {directory.name}", ""]
-    study_path = directory / "study.json"
-    if study_path.is_file():
-        study = json.loads(study_path.read_text())
+    if study is not None:
         base = study.get("base", {})
         if kind == "sharpness":
             grid = (f"model {base.get('model')} {base.get('hidden')}, loss {base.get('loss')}, "

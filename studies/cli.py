@@ -164,6 +164,35 @@ def _differing_settings(previous: dict, current: dict) -> str:
     return ", ".join(f"{name}: {flat_previous.get(name)!r} there, {flat_current.get(name)!r} now" for name in names)
 
 
+def _reject_inapplicable_options(args: argparse.Namespace, study, parser: argparse.ArgumentParser) -> None:
+    """Exit with status 2 when the user passed an option that changes no run of ``study``.
+
+    Only options given on the command line are checked, because a preset may set the
+    same fields for runs that do not use them.
+    """
+    methods = ",".join(study.methods)
+    if study.base.model == "mlp":
+        hidden = "x".join(str(size) for size in study.base.hidden)
+        for option, values in (("--depths", args.depths), ("--widths", args.widths)):
+            if values is not None:
+                parser.error(f"invalid {option} {','.join(map(str, values))}: it does not apply to the {study.name} "
+                             f"study, which trains an MLP (hidden layers {hidden}) and not a ResNet; drop {option}")
+    if args.deltas is not None and "dgclip" not in study.methods:
+        parser.error(f"invalid --deltas {','.join(map(str, args.deltas))}: δ is the floor of method dgclip, which "
+                     f"this study does not run (methods {methods}); add dgclip to --methods or drop --deltas")
+    if args.gamma is not None and not {"gclip", "dgclip"} & set(study.methods):
+        parser.error(f"invalid --gamma {args.gamma:g}: γ is the clipping threshold of methods gclip and dgclip, "
+                     f"which this study does not run (methods {methods}); add one to --methods or drop --gamma")
+    if args.adam_lr is not None and "adam" not in study.methods:
+        parser.error(f"invalid --adam-lr {args.adam_lr:g}: it sets the step size of method adam (bare Adam), which "
+                     f"this study does not run (methods {methods}); add adam to --methods or drop --adam-lr "
+                     "(with --optimizer adam, --lr sets Adam's step size)")
+    uses_sgd = study.base.optimizer == "sgd" and set(study.methods) != {"adam"}
+    if args.momentum is not None and not uses_sgd:
+        parser.error(f"invalid --momentum {args.momentum:g}: heavy-ball momentum applies to --optimizer sgd, but "
+                     "every run of this study uses Adam or AdamW, which keep β1 = 0.9; drop --momentum")
+
+
 def _prepare_study(args: argparse.Namespace, parser: argparse.ArgumentParser):
     """Build and validate the study; every failure exits with status 2 before any write."""
     overrides = {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
@@ -202,6 +231,10 @@ def _prepare_study(args: argparse.Namespace, parser: argparse.ArgumentParser):
                      "18); drop --depths, or use --widths to scale its channels")
     try:
         study = build_study(args.kind, args.preset, overrides)
+    except ValueError as error:
+        parser.error(str(error))
+    _reject_inapplicable_options(args, study, parser)
+    try:
         runs = study.runs()
         from dynamics.trainer import select_device
 
@@ -251,6 +284,42 @@ def print_status(study, out: Path) -> int:
     return 0
 
 
+def report_study(directory: Path, parser: argparse.ArgumentParser) -> Path:
+    """Render the report of ``directory`` for the grid in its study.json and return the path of report.md.
+
+    Runs outside that grid, or finished with other settings, are left out, and the
+    report is marked partial when runs of the grid have not finished. A damaged
+    study.json or frame exits with status 2 before anything is written.
+    """
+    from reports import ReportError, render_report
+    from reports.render import STUDY_FILE_FIX, read_study_file
+    from studies.config import StudyConfig
+    from studies.store import RunStore
+
+    expected = finished = None
+    try:
+        data = read_study_file(directory) if directory.is_dir() else None
+        if data is None and directory.is_dir():
+            log.warning("%s has no study.json: the report covers every finished run under runs/ and cannot mark "
+                        "runs that have not finished", directory)
+        if data is not None:
+            try:
+                grid = {config.run_id: config.to_dict() for config in StudyConfig.from_dict(data).runs()}
+            except KeyError as error:
+                raise ReportError(f"invalid study file {directory / 'study.json'}: missing key {error}; "
+                                  f"{STUDY_FILE_FIX}") from error
+            except (TypeError, ValueError, AttributeError) as error:
+                raise ReportError(f"invalid study file {directory / 'study.json'}: {error}; {STUDY_FILE_FIX}") from error
+            store = RunStore(directory)
+            store.log_left_out(grid)
+            expected = list(grid)
+            # A directory holding frames/ but no runs/ (a copy of the results only) is reported from frames/.
+            finished = store.grid_runs(grid) if (directory / "runs").is_dir() else None
+        return render_report(directory, expected_runs=expected, finished_runs=finished)
+    except ReportError as error:
+        parser.error(str(error))
+
+
 def _submit(study, out: Path, options, checkpoint_interval: float) -> bool:
     """Submit the pending runs to SLURM; return whether the caller should collect and render now."""
     from studies.executors import submit_slurm
@@ -273,13 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S", stream=sys.stderr,
     )
     if args.command == "report":
-        from reports import ReportError, render_report
-
-        try:
-            path = render_report(args.directory)
-        except ReportError as error:
-            parser.error(str(error))
-        print(path)
+        print(report_study(args.directory, parser))
         return 0
     if args.command == "scaling":
         from reports import ReportError, render_scaling
@@ -343,14 +406,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                       checkpoint_interval=args.checkpoint_interval)
             from reports import render_report
 
-            expected = [config.run_id for config in runs]
-            finished = set(RunStore(out).run_ids())
+            grid = {config.run_id: config.to_dict() for config in runs}
+            expected = list(grid)
+            finished = RunStore(out).grid_runs(grid)
             missing = [run_id for run_id in expected if run_id not in finished]
             if len(missing) == len(expected):
                 log.warning("no run has finished yet: all %d are being trained by other processes; rerun the same "
                             "command after they finish", len(missing))
                 return 1
-            print(render_report(out, expected_runs=expected))
+            print(render_report(out, expected_runs=expected, finished_runs=finished))
             if missing:
                 log.warning("the report is partial: %d runs are still being trained by another process (%s); rerun "
                             "the same command after they finish", len(missing), ", ".join(missing))

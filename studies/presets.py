@@ -188,6 +188,9 @@ def build_study(study: str, preset: str, overrides: dict[str, Any] | None = None
     spec = PRESETS[study][preset]
     overrides = dict(overrides or {})
     grid = {key: overrides.pop(key, spec.get(key)) for key in ("depths", "widths", "methods", "deltas", "lrs")}
+    for delta in grid["deltas"] or ():  # checked here too, because runs check δ only when the grid has dgclip
+        if not (isinstance(delta, (int, float)) and 0 <= delta <= 1):
+            raise ValueError(f"invalid delta={delta!r}: expected a number in [0, 1] (the floor δ of δ-GClip)")
     adam_lr = overrides.pop("adam_lr", spec.get("adam_lr", 1e-3))
     base = RunConfig(study=study, **{**spec["base"], **overrides})
     return StudyConfig(

@@ -227,7 +227,8 @@ def run_study(
     """Run every run of ``study`` into ``out``, skipping runs already finished with the same config.
 
     ``dataset``, when given, is used for the runs whose dataset it is (the CLI loads and
-    verifies it before writing anything).
+    verifies it before writing anything). ``frames/`` then contains the finished runs of
+    this grid only; runs of other grids left in ``out/runs`` are not collected.
     """
     store = RunStore(out)
     runs = study.runs()
@@ -239,6 +240,10 @@ def run_study(
         if store.finished(config.run_id, config.to_dict()):
             log.info("[%d/%d] %s already finished, skipped", index, len(runs), config.run_id)
             continue
+        missing = store.missing_frames(config.run_id)
+        if (store.run_dir(config.run_id) / "status.json").is_file() and missing:
+            log.warning("[%d/%d] %s has status.json but its frame files %s are missing; training it again",
+                        index, len(runs), config.run_id, ", ".join(f"{name}.parquet" for name in missing))
         key = (config.dataset, config.data_root)
         if key not in datasets:
             datasets[key] = load_dataset(config.dataset, config.data_root)
@@ -254,5 +259,5 @@ def run_study(
             index, len(runs), config.run_id, row["status"], row["final_test_acc"],
             row["final_lambda_max"], row["final_threshold"], row["wall_time"],
         )
-    store.collect()
+    store.collect({config.run_id: config.to_dict() for config in runs})
     return store

@@ -12,13 +12,16 @@ Layout::
 
 Every file is written to a temporary name and renamed into place, so a reader never
 sees a truncated file. A run counts as done only once ``status.json`` exists, and
-only for the same config.
+only for the same config and with every frame file present. Runs that are not part of
+the current grid (left by an earlier study in the same directory) stay on disk but are
+left out of ``frames/``.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +32,8 @@ import pandas as pd
 from reports.atomic import atomic_write_json, atomic_write_parquet
 
 FRAMES = ("runs", "steps", "epochs", "sharpness", "grad_hist", "probe_events")
+
+log = logging.getLogger(__name__)
 
 
 class StudyInUseError(RuntimeError):
@@ -109,9 +114,39 @@ class RunStore:
             return False
         return stored == json.loads(json.dumps(config, default=str))
 
+    def missing_frames(self, run_id: str) -> list[str]:
+        """Return the names of the frames whose ``FRAME.parquet`` file is absent from the run's directory."""
+        return [name for name in FRAMES if not (self.run_dir(run_id) / f"{name}.parquet").is_file()]
+
     def finished(self, run_id: str, config: dict[str, Any]) -> bool:
-        """Return whether ``run_id`` finished (completed, diverged or failed) with exactly ``config``."""
-        return (self.run_dir(run_id) / "status.json").is_file() and self._has_config(run_id, config)
+        """Return whether ``run_id`` finished (completed, diverged or failed) with exactly ``config``.
+
+        A run whose ``status.json`` exists but whose frame files were deleted counts as
+        not finished, so the study trains it again instead of reporting it without rows.
+        """
+        return (
+            (self.run_dir(run_id) / "status.json").is_file()
+            and self._has_config(run_id, config)
+            and not self.missing_frames(run_id)
+        )
+
+    def grid_runs(self, grid: dict[str, dict[str, Any]]) -> list[str]:
+        """Return the runs of ``grid`` (run id to config) that finished with their config, sorted by run id
+        like :meth:`run_ids`, so the frames' row order does not depend on the grid's."""
+        return [run_id for run_id in self.run_ids() if run_id in grid and self.finished(run_id, grid[run_id])]
+
+    def log_left_out(self, grid: dict[str, dict[str, Any]]) -> None:
+        """Log the finished runs outside ``grid``, and the runs of ``grid`` that have a status but miss frame files."""
+        outside = [run_id for run_id in self.run_ids() if run_id not in grid]
+        if outside:
+            log.info("finished runs outside the current grid stay in %s but are left out of frames/ and the "
+                     "report (%d): %s", self.root / "runs", len(outside), ", ".join(outside))
+        for run_id in self.run_ids():
+            missing = self.missing_frames(run_id)
+            if run_id in grid and missing:
+                log.warning("run %s has status.json but its frame files %s are missing, so it counts as not "
+                            "finished; rerun the same `eos study` command to train it again", run_id,
+                            ", ".join(f"{name}.parquet" for name in missing))
 
     def start_run(self, run_id: str, config: dict[str, Any]) -> Path:
         """Prepare a run directory and return its checkpoint path.
@@ -153,13 +188,24 @@ class RunStore:
                 f"corrupt frame {path}: {error}; delete {path.parent} and rerun the same command to train that run again"
             ) from error
 
-    def collect(self) -> dict[str, pd.DataFrame]:
-        """Concatenate every finished run's frames into ``frames/`` and return them."""
+    def collect(self, grid: dict[str, dict[str, Any]] | None = None) -> dict[str, pd.DataFrame]:
+        """Concatenate the finished runs' frames into ``frames/`` and return them.
+
+        With ``grid`` (run id to config, from ``StudyConfig.runs()``) only the runs of
+        that grid that finished with their config are collected, so runs left in the
+        directory by a study with other settings never mix into the frames. Without it,
+        every run with a ``status.json`` is collected.
+        """
+        if grid is None:
+            run_ids = self.run_ids()
+        else:
+            self.log_left_out(grid)
+            run_ids = self.grid_runs(grid)
         frames = {}
         for name in FRAMES:
             parts = [
                 self._read_frame(path)
-                for run_id in self.run_ids()
+                for run_id in run_ids
                 if (path := self.run_dir(run_id) / f"{name}.parquet").is_file()
             ]
             parts = [part for part in parts if not part.empty]
