@@ -229,7 +229,7 @@ def run_states(study: StudyConfig, out: Path) -> list[dict[str, Any]]:
 
     States: ``completed``, ``diverged`` or ``failed`` (finished), ``running`` (a process
     holds the run's lock), ``interrupted`` (a checkpoint exists but no process trains the run),
-    ``stale`` (finished with another config) and ``pending``.
+    ``stale`` (finished with another config, or with frame files missing) and ``pending``.
     """
     store = RunStore(out)
     rows = []
@@ -252,7 +252,9 @@ def run_states(study: StudyConfig, out: Path) -> list[dict[str, Any]]:
             row["detail"] = "checkpoint of " + time.strftime("%Y-%m-%d %H:%M", time.localtime(checkpoint.stat().st_mtime))
         elif status_path.is_file():
             row["state"] = "stale"
-            row["detail"] = "finished with other settings; reruns"
+            missing = store.missing_frames(config.run_id)
+            row["detail"] = (f"frame files {', '.join(f'{name}.parquet' for name in missing)} missing; reruns" if missing
+                             else "finished with other settings; reruns")
         else:
             row["state"] = "pending"
         rows.append(row)

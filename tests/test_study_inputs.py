@@ -182,3 +182,12 @@ def test_finished_needs_every_frame_file(study_dir):
     (store.run_dir(HIGH_LR_RUN) / "steps.parquet").unlink()
     assert store.missing_frames(HIGH_LR_RUN) == ["steps"]
     assert not store.finished(HIGH_LR_RUN, config)
+
+
+def test_status_names_missing_frame_files(study_dir, capsys):
+    """The fault: --status called a run with a deleted frame file "finished with other settings"."""
+    (RunStore(study_dir).run_dir(HIGH_LR_RUN) / "steps.parquet").unlink()
+    assert main(["study", "sharpness", "--lr", "0.05,0.08", *FAST, "--status", "--out", str(study_dir)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if HIGH_LR_RUN in line)
+    assert "stale" in line
+    assert "frame files steps.parquet missing; reruns" in line
