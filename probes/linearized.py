@@ -38,6 +38,7 @@ import warnings
 import weakref
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import fx, nn
 
@@ -351,7 +352,8 @@ def _split(graph_module: fx.GraphModule, tangent_start: int,
 CACHE_SIZE = 4
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple]]" = weakref.WeakKeyDictionary()
 _SIMPLE = (bool, int, float, complex, str, bytes, type(None))
-_DEPTH = 3  # levels of containers, objects and closures keyed by content
+_DEPTH = 4  # levels of containers, objects and closures keyed by content
+_ARRAY_BYTES = 1 << 20  # numpy arrays up to this size are keyed by content, larger ones by identity
 
 
 class _Fingerprint:
@@ -395,9 +397,43 @@ class _Fingerprint:
         if isinstance(obj, functools.partial):
             return ("partial", self.value(obj.func, depth + 1), self.value(obj.args, depth + 1),
                     self.value(obj.keywords, depth + 1))
-        if type(obj).__module__ not in ("builtins", "torch") and isinstance(getattr(obj, "__dict__", None), dict):
-            return ("object", self.identity(obj), self.value(vars(obj), depth + 1))
+        if isinstance(obj, np.ndarray) and obj.nbytes <= _ARRAY_BYTES:
+            return ("ndarray", obj.dtype.str, obj.shape, obj.tobytes())
+        if isinstance(obj, np.generic):
+            return ("value", obj.dtype.str, obj.item())
+        if type(obj).__module__ not in ("builtins", "torch"):
+            fields = dict(vars(obj)) if isinstance(getattr(obj, "__dict__", None), dict) else {}
+            for klass in type(obj).__mro__:
+                slots = getattr(klass, "__slots__", ())
+                for name in (slots,) if isinstance(slots, str) else slots:
+                    if name not in ("__dict__", "__weakref__") and hasattr(obj, name):
+                        fields[name] = getattr(obj, name)
+            if fields:
+                return ("object", self.identity(obj), self.value(fields, depth + 1))
         return self.identity(obj)
+
+    def code(self, function: object) -> tuple:
+        """Return a key for what a method's code reads besides its arguments: the globals
+        it names, and its default arguments."""
+        function = getattr(function, "__func__", function)
+        code = getattr(function, "__code__", None)
+        if code is None:
+            return ()
+        namespace = getattr(function, "__globals__", {})
+        global_values = tuple((name, self.value(namespace[name])) for name in code.co_names if name in namespace)
+        return (global_values, self.value(function.__defaults__ or ()))
+
+    def class_attributes(self, cls: type) -> tuple:
+        """Return a key for the data attributes of a module's class and its bases below ``nn.Module``."""
+        parts = []
+        for klass in cls.__mro__:
+            if klass in (nn.Module, object):
+                break
+            for name, value in vars(klass).items():
+                if name.startswith("__") or callable(value) or isinstance(value, (staticmethod, classmethod, property)):
+                    continue
+                parts.append((klass.__qualname__, name, self.value(value)))
+        return tuple(parts)
 
     def attributes(self, obj: object) -> tuple:
         """Return a key for an object's attributes that are not parameters, buffers or submodules.
@@ -443,7 +479,11 @@ def signature(model: nn.Module, param_names: Sequence[str], state_names: Sequenc
     """Return everything a trace depends on apart from parameter, buffer and batch values,
     and the objects the key names by identity."""
     fingerprint = _Fingerprint()
-    modules = tuple((name, type(module), fingerprint.attributes(module)) for name, module in model.named_modules())
+    modules = tuple(
+        (name, type(module), fingerprint.attributes(module), fingerprint.class_attributes(type(module)),
+         fingerprint.code(type(module).forward))
+        for name, module in model.named_modules()
+    )
     device_type = inputs.device.type
     autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
     key = (

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -248,6 +249,34 @@ class Focal(nn.Module):
 
 SMOOTHING = 0.0
 CONFIG = {"weight": 1.0}
+TEMPERATURE = 1.0
+
+
+class Slotted:
+    __slots__ = ("gain",)
+
+    def __init__(self):
+        self.gain = 1.0
+
+
+class Deep(nn.Module):
+    """An MLP whose forward reads a module-level global, a class attribute, a field two
+    config objects deep, a numpy array and a field of an object with ``__slots__``."""
+
+    factor = 1.0
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3))
+        self.cfg = Configured.Settings()
+        self.cfg.model = Configured.Settings()
+        self.cfg.model.offset = 1.0
+        self.weights = np.ones(5)
+        self.slotted = Slotted()
+
+    def forward(self, x):
+        hidden = self.body[0](x) * (TEMPERATURE * self.factor * self.cfg.model.offset * self.slotted.gain)
+        return self.body[1](torch.tanh(hidden * torch.as_tensor(self.weights, dtype=hidden.dtype)))
 
 
 class Configured(nn.Module):
@@ -306,6 +335,31 @@ def _change_closure_dict(model, _):
     CONFIG["weight"] = 4.0
 
 
+def _change_module_global(model, _):
+    global TEMPERATURE
+    TEMPERATURE = 3.0
+
+
+def _change_class_attribute(model, _):
+    type(model).factor = 3.0
+
+
+def _change_nested_config(model, _):
+    model.cfg.model.offset = 3.0
+
+
+def _change_array_in_place(model, _):
+    model.weights[:] = 3.0
+
+
+def _change_slot(model, _):
+    model.slotted.gain = 3.0
+
+
+DEEP_CHANGES = (_change_module_global, _change_class_attribute, _change_nested_config, _change_array_in_place,
+                _change_slot)
+
+
 def _make_weighted_loss():
     config = CONFIG
 
@@ -325,6 +379,7 @@ def _make_weighted_loss():
     (_change_activation, smoothed, None),
     (_change_object_field, smoothed, None),
     (_change_closure_dict, _make_weighted_loss(), None),
+    *((change, smoothed, None) for change in DEEP_CHANGES),
 ])
 def test_cached_split_sees_changed_values(change, loss_fn, changed_loss, monkeypatch):
     """Check that each value a trace would freeze, other than parameters and buffers, is part of the cache key.
@@ -332,13 +387,21 @@ def test_cached_split_sees_changed_values(change, loss_fn, changed_loss, monkeyp
     The cases: a frozen parameter replaced, a float or tensor attribute, a global a loss
     reads, a fresh loss with a different private setting, an entry of a config dict, a
     swapped activation function, a field of a config object, and a dict in the loss's
-    closure. The last four used to return the old Hessian. Each solve after a change
-    must match double backward.
+    closure, a module-level global, a class attribute, a field two config objects deep,
+    a numpy array changed in place and a ``__slots__`` field. All but the first five used
+    to return the old Hessian. Each solve after a change must match double backward.
     """
     monkeypatch.setitem(globals(), "SMOOTHING", 0.0)
     monkeypatch.setitem(CONFIG, "weight", 1.0)
+    monkeypatch.setitem(globals(), "TEMPERATURE", 1.0)
+    monkeypatch.setattr(Deep, "factor", 1.0)
     torch.manual_seed(0)
-    model = Configured() if change in (_change_dict_entry, _change_activation, _change_object_field) else Scaled()
+    if change in DEEP_CHANGES:
+        model = Deep()
+    elif change in (_change_dict_entry, _change_activation, _change_object_field):
+        model = Configured()
+    else:
+        model = Scaled()
     inputs, targets = torch.randn(12, 4), torch.randint(0, 3, (12,))
     vector = torch.randn(sum(p.numel() for p in model.parameters() if p.requires_grad), dtype=torch.float64)
     for current in (loss_fn, changed_loss or loss_fn):
