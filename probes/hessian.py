@@ -26,12 +26,14 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import random
 import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -174,23 +176,36 @@ class HessianOperator:
 
     @contextmanager
     def _fixed_randomness(self, chunk: int) -> Iterator[None]:
-        """Run a chunk's forward pass with the global generators seeded by the chunk's index,
-        then restore them.
+        """Run a chunk's forward pass with the global generators (torch's, numpy's and
+        Python's) seeded by the chunk's index, then restore them.
 
         Every product thus draws the same dropout mask for a chunk, and training's random
-        stream does not move. Sets ``random_draws`` when the pass drew random numbers.
+        streams do not move. Sets ``random_draws`` when the pass drew random numbers.
+        NOTE: a ``torch.Generator`` that the model holds itself is neither seeded nor
+        detected, so its draws change at every product.
         """
-        with torch.random.fork_rng(devices=self._devices):
-            torch.default_generator.manual_seed(chunk)
-            for device in self._devices:
-                torch.cuda.default_generators[device].manual_seed(chunk)
-            before = self._rng_states()
-            yield
-            if not self.random_draws:
-                self.random_draws = any(not torch.equal(a, b) for a, b in zip(before, self._rng_states()))
+        saved = (np.random.get_state(), random.getstate())
+        try:
+            with torch.random.fork_rng(devices=self._devices):
+                torch.default_generator.manual_seed(chunk)
+                for device in self._devices:
+                    torch.cuda.default_generators[device].manual_seed(chunk)
+                np.random.seed(chunk)
+                random.seed(chunk)
+                before = self._rng_states()
+                yield
+                if not self.random_draws:
+                    after = self._rng_states()
+                    self.random_draws = (any(not torch.equal(a, b) for a, b in zip(before[0], after[0]))
+                                         or before[1] != after[1])
+        finally:
+            np.random.set_state(saved[0])
+            random.setstate(saved[1])
 
-    def _rng_states(self) -> list[torch.Tensor]:
-        return [torch.get_rng_state(), *(torch.cuda.get_rng_state(device) for device in self._devices)]
+    def _rng_states(self) -> tuple[list[torch.Tensor], tuple]:
+        torch_states = [torch.get_rng_state(), *(torch.cuda.get_rng_state(device) for device in self._devices)]
+        numpy_state = np.random.get_state()
+        return torch_states, (numpy_state[1].tobytes(), numpy_state[2], random.getstate())
 
     # -- the two paths ---------------------------------------------------------------
 
@@ -535,7 +550,7 @@ def check_tol(tol: float) -> None:
     ``tol`` bounds the relative residual ‖Hv − θv‖/|θ|, and one of 1 or more holds for
     vectors far from any eigenvector, so it would stop a solve after its first product.
     """
-    if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and math.isfinite(tol) and 0 <= tol < 1):
+    if not (isinstance(tol, numbers.Real) and not isinstance(tol, bool) and math.isfinite(tol) and 0 <= tol < 1):
         raise ValueError(f"invalid tol={tol!r}: expected a number in [0, 1), such as 1e-3 (relative residual "
                          "‖Hv − λv‖/|λ|)")
 

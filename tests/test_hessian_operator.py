@@ -7,7 +7,9 @@ References are exact: the dense Hessian of a tiny float64 model from
 
 import logging
 import math
+import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -236,3 +238,35 @@ def test_auto_with_nan_parameters_does_not_blame_a_path(caplog):
     with caplog.at_level(logging.WARNING), pytest.raises(FloatingPointError, match="not finite"):
         top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, hvp_method="auto", start=torch.ones(39))
     assert "differed" not in caplog.text
+
+
+class NumpyNoise(nn.Module):
+    """A forward pass that draws its noise from numpy and Python's random module."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(5, 3)
+
+    def forward(self, x):
+        noise = torch.as_tensor(np.random.rand(*x.shape), dtype=x.dtype) + random.random()
+        return self.body(torch.tanh(x + noise))
+
+
+def test_numpy_and_python_draws_are_fixed_and_restored():
+    """Draws from numpy and Python's random module used to move training's streams and
+    change at every product."""
+    model = NumpyNoise().double()
+    inputs, targets = _batch()
+    numpy_before, python_before = np.random.get_state(), random.getstate()
+    estimate = top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, tol=1e-9, max_iter=100,
+                              hvp_method="double_backward", chunk_size=7)
+    assert estimate.dropout == "mask fixed"
+    assert estimate.converged
+    assert np.array_equal(np.random.get_state()[1], numpy_before[1])
+    assert np.random.get_state()[2] == numpy_before[2]
+    assert random.getstate() == python_before
+
+
+def test_tol_accepts_numpy_floats():
+    check_tol(np.float32(1e-3))
+    check_tol(np.float64(1e-3))

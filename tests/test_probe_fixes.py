@@ -14,7 +14,7 @@ from torch import nn
 from dynamics.clipping import DeltaGClip
 from dynamics.data import TensorLoader
 from dynamics.trainer import TrainConfig, Trainer
-from probes import SharpnessProbe, adam_preconditioner, pyhessian_top_eigenvalue, sharpness_spread, top_eigenvalue
+from probes import HessianUnsupportedError, SharpnessProbe, adam_preconditioner, pyhessian_top_eigenvalue, sharpness_spread, top_eigenvalue
 
 
 def _dense_hessian(model, loss_fn, inputs, targets):
@@ -131,7 +131,7 @@ def test_probe_measure_rejects_bad_params():
     with pytest.raises(ValueError, match="params is empty"):
         SharpnessProbe(inputs, targets).measure(model, loss_fn, params=[])
     probe = SharpnessProbe(inputs, targets, backend="pyhessian")
-    with pytest.raises(ValueError, match="pyhessian backend .* not over a subset; use backend='ours'"):
+    with pytest.raises(HessianUnsupportedError, match="pyhessian backend .* updates only some of them; use backend='ours'"):
         probe.measure(model, loss_fn, params=list(model[2].parameters()))
 
 
@@ -281,3 +281,110 @@ def test_probe_rejects_bad_settings(options, message):
 def test_probe_accepts_valid_settings(options):
     _, inputs, targets = _tiny_problem()
     SharpnessProbe(inputs, targets, **options)
+
+
+class UnusedHeadMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(3, 5)
+        self.head = nn.Linear(5, 2)
+        self.aux = nn.Linear(5, 2)  # never reached by the loss, so Adam keeps no state for it
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+def test_adam_stateless_parameters_keep_preconditioned_rows(caplog):
+    """An optimized parameter without a gradient has no Adam state, and that used to drop
+    every preconditioned row silently. The row is now over the parameters with state."""
+    torch.manual_seed(0)
+    model = UnusedHeadMLP().double()
+    inputs, targets = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 2, (12,))
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05, eps=1e-3)
+    probe = SharpnessProbe(inputs, targets, every_epochs=1, max_iter=80, tol=1e-10)
+    loader = TensorLoader(inputs, targets, 6)
+    with caplog.at_level(logging.WARNING):
+        result = Trainer(model, loss_fn, loader, loader, optimizer, TrainConfig(1, progress=False), [probe]).fit()
+    preconditioned = [r for r in result.recorder.rows("sharpness") if r["preconditioned"]]
+    assert len(preconditioned) == 1
+    assert "2 of 6 optimized parameters have no Adam state" in caplog.text
+    moving = [model.body.weight, model.body.bias, model.head.weight, model.head.bias]
+    used = sum(p.numel() for p in moving)
+    block = _dense_hessian(model, loss_fn, inputs, targets)[:used, :used]
+    diagonal = adam_preconditioner(optimizer, moving)
+    assert preconditioned[0]["lambda_max"] == pytest.approx(_preconditioned_top(block, diagonal), rel=1e-8)
+
+
+@pytest.mark.parametrize("optimized", ["all", "head"])
+def test_pyhessian_failure_switches_probe_off(optimized):
+    """pyhessian asserts on a parameter the loss does not reach, and takes no subset of
+    the parameters. Both used to end the training run; the probe now switches off."""
+    torch.manual_seed(0)
+    model = UnusedHeadMLP()
+    inputs, targets = torch.randn(12, 3), torch.randint(0, 2, (12,))
+    params = model.parameters() if optimized == "all" else model.head.parameters()
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    probe = SharpnessProbe(inputs, targets, every_epochs=1, backend="pyhessian")
+    loader = TensorLoader(inputs, targets, 6)
+    result = Trainer(model, nn.CrossEntropyLoss(), loader, loader, optimizer, TrainConfig(2, progress=False),
+                     [probe]).fit()
+    events = result.recorder.rows("probe_events")
+    assert [event["event"] for event in events] == ["disabled"]
+    assert "backend='ours'" in events[0]["reason"]
+    assert result.recorder.rows("sharpness") == []
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"chunk_size": 0}, "invalid chunk_size=0"),
+    ({"targets": torch.zeros(5, dtype=torch.long)}, "12 inputs and 5 targets"),
+])
+def test_probe_checks_its_batch(options, message):
+    """A bad chunk size or a short target tensor used to pass the constructor and fail at the first solve."""
+    _, inputs, targets = _tiny_problem()
+    arguments = {"inputs": inputs, "targets": targets, **options}
+    with pytest.raises(ValueError, match=message):
+        SharpnessProbe(**arguments)
+
+
+SCALE = 1.0
+
+
+def _scale():
+    return SCALE
+
+
+class HiddenScale(nn.Module):
+    """Reads SCALE through a helper function, which no cache key of the traced product sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(3, 5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(_scale() * self.body(x)))
+
+
+def test_auto_recheck_catches_a_stale_trace(monkeypatch):
+    """Under hvp_method="auto" the probe kept the first solve's path for good, so a
+    traced product that missed a changed value returned the old λ_max at every later
+    solve. The check every AUTO_RECHECK solves finds the disagreement and switches to
+    double backward."""
+    from probes.sharpness import AUTO_RECHECK
+
+    monkeypatch.setitem(globals(), "SCALE", 1.0)
+    torch.manual_seed(0)
+    model = HiddenScale().double()
+    inputs, targets = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 2, (12,))
+    loss_fn = nn.CrossEntropyLoss()
+    probe = SharpnessProbe(inputs, targets, max_iter=80, tol=1e-10)
+    probe.measure(model, loss_fn)  # "auto" runs both paths, so the split product is traced and cached
+    probe.hvp_method = "forward_over_reverse"  # the choice of "auto" depends on timing: pin the traced path
+    monkeypatch.setitem(globals(), "SCALE", 3.0)
+    exact = torch.linalg.eigvalsh(_dense_hessian(model, loss_fn, inputs, targets))[-1].item()
+    for _ in range(AUTO_RECHECK - 1):
+        probe.measure(model, loss_fn)  # the stale trace: the gap this check exists for
+    estimate = probe.measure(model, loss_fn)
+    assert estimate.method.endswith("double_backward")
+    assert estimate.lambda_max == pytest.approx(exact, rel=1e-8)
