@@ -187,6 +187,9 @@ def _reject_inapplicable_options(args: argparse.Namespace, study, parser: argpar
         parser.error(f"invalid --adam-lr {args.adam_lr:g}: it sets the step size of method adam (bare Adam), which "
                      f"this study does not run (methods {methods}); add adam to --methods or drop --adam-lr "
                      "(with --optimizer adam, --lr sets Adam's step size)")
+    if args.lr is not None and set(study.methods) == {"adam"}:
+        parser.error(f"invalid --lr {','.join(f'{lr:g}' for lr in args.lr)}: every run of this study uses method adam "
+                     "(bare Adam), whose step size is --adam-lr; pass --adam-lr or add another method to --methods")
     uses_sgd = study.base.optimizer == "sgd" and set(study.methods) != {"adam"}
     if args.momentum is not None and not uses_sgd:
         parser.error(f"invalid --momentum {args.momentum:g}: heavy-ball momentum applies to --optimizer sgd, but "

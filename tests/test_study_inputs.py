@@ -148,6 +148,7 @@ def test_report_names_frame_without_required_column(study_dir, capsys):
     (["--adam-lr", "5"], "invalid --adam-lr 5: it sets the step size of method adam"),
     (["--optimizer", "adam", "--momentum", "0.5"], "invalid --momentum 0.5: heavy-ball momentum applies to --optimizer sgd"),
     (["--optimizer", "adamw", "--methods", "dgclip", "--momentum", "0"], "invalid --momentum 0:"),
+    (["--methods", "adam", "--lr", "0.5,0.7"], "invalid --lr 0.5,0.7: every run of this study uses method adam"),
 ])
 def test_sharpness_rejects_options_without_effect(tmp_path, capsys, options, message):
     """The fault: these options were accepted and stored, although no run of the study uses them."""
