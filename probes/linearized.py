@@ -17,15 +17,20 @@ product costs six, the same as a double-backward product with its graph reused.
 
 The trace records the model's Python control flow for the traced batch shape, and
 every value it reads other than the parameters, buffers and batch, which are inputs of
-the graph. The cache key therefore contains each module's plain attributes (train/eval,
-``track_running_stats``, floats, tensors with their version counter), the loss's
-settings or the code, closure and globals of a loss function, and the autocast state.
+the graph. The cache key therefore contains each module's attributes (train/eval,
+``track_running_stats``, floats, tensors with their version counter; dicts, lists,
+config objects, numpy arrays and functions by content), its class attributes, the
+globals and default arguments that its ``forward`` names, the loss's settings or the
+code, closure and globals of a loss function, and the autocast state.
 A trace that reads a tensor's value into Python (``.item()``, ``if tensor:``) or
 draws random numbers is rejected, because its graph would be valid only for the
 values seen while tracing. The first trace of each key is checked against the plain
 product.
 NOTE: a read that bypasses aten operations (``tensor.tolist()``, ``.numpy()``) is
-not detected, so a branch on it is frozen at the traced batch's value.
+not detected, so a branch on it is frozen at the traced batch's value. Neither is a
+value read only inside a helper function that ``forward`` calls, or deeper than four
+levels: a changed one leaves the trace stale. ``SharpnessProbe(hvp_method="auto")``
+compares both paths again every ``AUTO_RECHECK`` solves, which catches that.
 """
 
 from __future__ import annotations
