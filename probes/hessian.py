@@ -56,7 +56,7 @@ def is_integer(value: object) -> bool:
 
 
 def check_count(name: str, value: object, meaning: str) -> None:
-    """Raise ValueError unless ``value`` is an integer >= 1; ``meaning`` says what it counts."""
+    """Raise ValueError unless ``value`` is an integer >= 1; ``meaning`` names what it counts."""
     if not (is_integer(value) and value >= 1):
         raise ValueError(f"invalid {name}={value!r}: expected an integer >= 1 ({meaning})")
 
@@ -181,7 +181,7 @@ class HessianOperator:
 
         Every product thus draws the same dropout mask for a chunk, and training's random
         streams do not move. Sets ``random_draws`` when the pass drew random numbers.
-        NOTE: a ``torch.Generator`` that the model holds itself is neither seeded nor
+        NOTE: a ``torch.Generator`` that the model keeps itself is neither seeded nor
         detected, so its draws change at every product.
         """
         saved = (np.random.get_state(), random.getstate())

@@ -375,8 +375,8 @@ class _Fingerprint:
         """Return a key for a value read by the model or the loss.
 
         Containers, plain objects and functions are keyed by content down to
-        ``_DEPTH`` levels, so that an entry of a config dict, a field of a config object
-        or an activation function swapped in place is seen; deeper, by identity.
+        ``_DEPTH`` levels, and by identity below that. So a changed entry of a config dict,
+        field of a config object or activation function changes the key.
         """
         if isinstance(obj, _SIMPLE):
             return ("value", type(obj), obj)

@@ -92,8 +92,8 @@ def test_unused_parameters_have_zero_hessian(method, chunk_size):
 
 
 def test_gradient_independent_of_parameters():
-    """A loss linear in a parameter has a gradient without a graph there; its Hessian rows
-    are zero, where double backward used to fail on a gradient that does not require grad."""
+    """A loss linear in a parameter has a gradient without a graph there, so its Hessian
+    rows are zero. Double backward used to fail on that gradient, which does not require grad."""
     model = nn.Linear(3, 1).double()
     loss_fn = lambda outputs, targets: (outputs.squeeze(1) * targets).mean()  # noqa: E731
     inputs, targets = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
