@@ -105,7 +105,7 @@ def test_gradient_independent_of_parameters():
 @pytest.mark.parametrize("method", METHODS)
 def test_functional_dropout_mask_is_fixed(method, chunk_size):
     """Dropout through F.dropout stayed on during a solve: each product that reran the
-    forward pass drew a new mask, so the operator was not even symmetric, the row said
+    forward pass drew a new mask, so the operator was not even symmetric, the row recorded
     dropout="absent", and the probe moved training's random stream. Now every product of
     a chunk draws the same mask and the global RNG is left as it was."""
     torch.manual_seed(0)
@@ -229,7 +229,7 @@ def test_auto_names_the_module_without_second_derivative():
         top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, hvp_method="auto")
 
 
-def test_auto_with_nan_parameters_does_not_blame_a_path(caplog):
+def test_auto_nan_parameters_blame_no_path(caplog):
     """A NaN parameter used to log "forward_over_reverse failed (its product differed ... by nan)"
     before the clear error."""
     model, inputs, targets = _small()
