@@ -55,6 +55,28 @@ def is_integer(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def select_parameters(model: nn.Module, params: Sequence[torch.Tensor] | None = None) -> list[tuple[str, torch.Tensor]]:
+    """Return the (name, parameter) pairs a Hessian is taken over: those with ``requires_grad``,
+    restricted to ``params`` when given, in the order of ``model.named_parameters()``."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if params is not None:
+        requested = {id(p) for p in params}
+        named = [(name, p) for name, p in named if id(p) in requested]
+    return named
+
+
+def check_batch(inputs: torch.Tensor, targets: torch.Tensor, chunk_size: int | None) -> None:
+    """Raise ValueError unless the batch has one target per input, at least one pair, and a valid ``chunk_size``."""
+    if len(inputs) != len(targets):
+        raise ValueError(f"inputs and targets differ in length ({len(inputs)} and {len(targets)}): "
+                         "pass one target per input, so that chunks split them alike")
+    if len(targets) == 0:
+        raise ValueError("the sharpness batch is empty (0 inputs): pass at least one (input, target) pair")
+    if chunk_size is not None and not (is_integer(chunk_size) and chunk_size >= 1):
+        raise ValueError(f"invalid chunk_size={chunk_size!r}: expected an integer >= 1, or None for the whole "
+                         "batch at once")
+
+
 def check_count(name: str, value: object, meaning: str) -> None:
     """Raise ValueError unless ``value`` is an integer >= 1; ``meaning`` names what it counts."""
     if not (is_integer(value) and value >= 1):
@@ -132,20 +154,10 @@ class HessianOperator:
     ) -> None:
         if method not in HVP_METHODS:
             raise ValueError(f"invalid hvp method={method!r}: expected one of {HVP_METHODS}")
-        if len(inputs) != len(targets):
-            raise ValueError(f"inputs and targets differ in length ({len(inputs)} and {len(targets)}): "
-                             "pass one target per input, so that chunks split them alike")
-        if len(targets) == 0:
-            raise ValueError("the sharpness batch is empty (0 inputs): pass at least one (input, target) pair")
-        if chunk_size is not None and not (is_integer(chunk_size) and chunk_size >= 1):
-            raise ValueError(f"invalid chunk_size={chunk_size!r}: expected an integer >= 1, or None for the whole "
-                             "batch at once")
+        check_batch(inputs, targets, chunk_size)
         self.model = model
         self.loss_fn = loss_fn
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        if params is not None:
-            requested = {id(p) for p in params}
-            named = [(name, p) for name, p in named if id(p) in requested]
+        named = select_parameters(model, params)
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         self.dim = sum(p.numel() for p in self.params)

@@ -13,8 +13,8 @@ from dynamics.distributed import sum_over_ranks
 
 from dynamics.events import Callback, TrainState
 from probes.backends import pyhessian_top_eigenvalue
-from probes.hessian import (ESTIMATORS, HVP_METHODS, EigenEstimate, HessianUnsupportedError, check_tol, is_integer,
-                            top_eigenvalue)
+from probes.hessian import (ESTIMATORS, HVP_METHODS, EigenEstimate, HessianUnsupportedError, check_batch, check_tol,
+                            is_integer, top_eigenvalue)
 from probes.state import preserved_model_state
 from probes.thresholds import adam_preconditioner, adam_threshold, eos_deviation, stability_thresholds
 
@@ -120,12 +120,7 @@ class SharpnessProbe(Callback):
         if not (is_integer(max_iter) and max_iter >= 1):
             raise ValueError(f"invalid max_iter={max_iter!r}: expected an integer >= 1 (Hessian-vector products per solve)")
         check_tol(tol)  # the solvers check it too, but only at the first solve, inside training
-        if len(inputs) != len(targets) or len(targets) == 0:
-            raise ValueError(f"invalid sharpness batch: {len(inputs)} inputs and {len(targets)} targets; pass at least "
-                             "one input and one target per input")
-        if chunk_size is not None and not (is_integer(chunk_size) and chunk_size >= 1):
-            raise ValueError(f"invalid chunk_size={chunk_size!r}: expected an integer >= 1, or None for the whole "
-                             "sharpness batch at once")
+        check_batch(inputs, targets, chunk_size)
         for name, value in (("every_epochs", every_epochs), ("every_steps", every_steps)):
             if not (is_integer(value) and value >= 0):
                 raise ValueError(f"invalid {name}={value!r}: expected an integer >= 0 (0 switches this cadence off)")

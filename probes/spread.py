@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from probes.hessian import top_eigenvalue
+from probes.hessian import select_parameters, top_eigenvalue
 from probes.state import preserved_model_state
 
 
@@ -54,7 +54,7 @@ def sharpness_spread(
         if name in kwargs:
             raise ValueError(f"sharpness_spread sets {name} from each seed, so it takes no {name}= argument. "
                              "Pass seeds=(...) instead")
-    dim = _hessian_dim(model, kwargs.get("params"))
+    dim = sum(p.numel() for _, p in select_parameters(model, kwargs.get("params")))
     values, converged = [], []
     with preserved_model_state(model):
         model.train(bn_mode == "train")
@@ -70,11 +70,3 @@ def sharpness_spread(
     std = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
     return SharpnessSpread(values, converged, float(np.mean(values)), std)
 
-
-def _hessian_dim(model: nn.Module, params: Sequence[torch.Tensor] | None) -> int:
-    """Return the size of the Hessian that :func:`top_eigenvalue` takes over ``params``."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if params is not None:
-        requested = {id(p) for p in params}
-        trainable = [p for p in trainable if id(p) in requested]
-    return sum(p.numel() for p in trainable)
