@@ -417,16 +417,20 @@ class _Fingerprint:
                 return ("object", self.identity(obj), self.value(fields, depth + 1))
         return self.identity(obj)
 
-    def code(self, function: object) -> tuple:
-        """Return a key for what a method's code reads besides its arguments: the globals
-        it names, and its default arguments."""
+    def named_globals(self, function: object) -> tuple:
+        """Return a key for the globals that a function's code names (empty for a builtin)."""
         function = getattr(function, "__func__", function)
         code = getattr(function, "__code__", None)
         if code is None:
             return ()
-        namespace = getattr(function, "__globals__", {})
-        global_values = tuple((name, self.value(namespace[name])) for name in code.co_names if name in namespace)
-        return (global_values, self.value(function.__defaults__ or ()))
+        namespace = function.__globals__
+        return tuple((name, self.value(namespace[name])) for name in code.co_names if name in namespace)
+
+    def code(self, function: object) -> tuple:
+        """Return a key for what a method's code reads besides its arguments: the globals
+        it names, and its default arguments."""
+        function = getattr(function, "__func__", function)
+        return (self.named_globals(function), self.value(getattr(function, "__defaults__", None) or ()))
 
     def class_attributes(self, cls: type) -> tuple:
         """Return a key for the data attributes of a module's class and its bases below ``nn.Module``."""
@@ -469,9 +473,7 @@ class _Fingerprint:
         if code is None:  # a callable object or a builtin
             return ("callable", type(loss_fn), self.attributes(loss_fn) if hasattr(loss_fn, "__dict__") else (),
                     self.identity(loss_fn))
-        namespace = getattr(function, "__globals__", {})
-        global_values = tuple((name, self.value(namespace[name])) for name in code.co_names if name in namespace)
-        return (self.value(function), global_values, self.identity(owner) if owner is not None else None)
+        return (self.value(function), self.named_globals(function), self.identity(owner) if owner is not None else None)
 
 
 def _tensor_key(tensor: torch.Tensor) -> tuple:
