@@ -35,6 +35,13 @@ def criterion_rows(sharpness: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else sharpness.iloc[:0]
 
 
+def run_rows(criteria: pd.DataFrame, run_id: str) -> pd.DataFrame:
+    """Return one run's rows of ``criteria`` sorted by step (none from a frame without columns)."""
+    if criteria.empty:
+        return criteria
+    return criteria[criteria["run_id"] == run_id].sort_values("step")
+
+
 def final_phase(rows: pd.DataFrame) -> pd.DataFrame:
     """Return the measurements in the last third of a run's measured steps."""
     start = rows["step"].min() + (1 - FINAL_FRACTION) * (rows["step"].max() - rows["step"].min())
@@ -73,7 +80,7 @@ def eos_summary_table(sharpness: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFra
     for _, run in runs.iterrows():
         row = {"run_id": run["run_id"], "optimizer": run["optimizer"], "method": run_label(run), "lr": run["lr"],
                "status": run["status"], "measurements": 0}
-        group = criteria[criteria["run_id"] == run["run_id"]].sort_values("step") if len(criteria) else criteria
+        group = run_rows(criteria, run["run_id"])
         if len(group):
             final = final_phase(group)
             threshold = float(final["threshold"].median())
@@ -112,7 +119,7 @@ def sharpness_trajectory_figure(sharpness: pd.DataFrame, runs: pd.DataFrame) -> 
         for ax, (_, run) in zip(axes.flat, runs.iterrows()):
             ax.set_title(f"{run_label(run)}, η = {run['lr']:.3g}")
             ax.set_xlabel("step")
-            group = criteria[criteria["run_id"] == run["run_id"]].sort_values("step") if len(criteria) else criteria
+            group = run_rows(criteria, run["run_id"])
             if group.empty:
                 ax.text(0.5, 0.5, f"no $\\lambda_{{\\max}}$ measured\n(run {run['status']})", ha="center", va="center",
                         transform=ax.transAxes)
