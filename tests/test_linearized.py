@@ -384,12 +384,13 @@ def _make_weighted_loss():
 def test_cached_split_sees_changed_values(change, loss_fn, changed_loss, monkeypatch):
     """Check that each value a trace would freeze, other than parameters and buffers, is part of the cache key.
 
-    The cases: a frozen parameter replaced, a float or tensor attribute, a global a loss
-    reads, a fresh loss with a different private setting, an entry of a config dict, a
-    swapped activation function, a field of a config object, and a dict in the loss's
+    The first five cases were always keyed: a frozen parameter replaced, a float or
+    tensor attribute, a global a loss reads, and a fresh loss with a different private
+    setting. The others used to return the old Hessian: an entry of a config dict, a
+    swapped activation function, a field of a config object, a dict in the loss's
     closure, a module-level global, a class attribute, a field two config objects deep,
-    a numpy array changed in place and a ``__slots__`` field. All but the first five used
-    to return the old Hessian. Each solve after a change must match double backward.
+    a numpy array changed in place, and a ``__slots__`` field. Each solve after a change
+    must match double backward.
     """
     monkeypatch.setitem(globals(), "SMOOTHING", 0.0)
     monkeypatch.setitem(CONFIG, "weight", 1.0)

@@ -15,19 +15,8 @@ from dynamics.clipping import DeltaGClip
 from dynamics.data import TensorLoader
 from dynamics.trainer import TrainConfig, Trainer
 from probes import HessianUnsupportedError, SharpnessProbe, adam_preconditioner, pyhessian_top_eigenvalue, sharpness_spread, top_eigenvalue
-
-
-def _dense_hessian(model, loss_fn, inputs, targets):
-    params = list(model.parameters())
-    names = [n for n, _ in model.named_parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-
-    def loss_of(vector):
-        pieces = torch.split(vector, [p.numel() for p in params])
-        state = {n: piece.view_as(p) for n, piece, p in zip(names, pieces, params)}
-        return loss_fn(torch.func.functional_call(model, state, (inputs,)), targets)
-
-    return torch.autograd.functional.hessian(loss_of, flat)
+from test_hessian_operator import UnusedHead
+from test_sharpness_engine import _dense_hessian
 
 
 def _tiny_problem(seed=0):
@@ -283,23 +272,12 @@ def test_probe_accepts_valid_settings(options):
     SharpnessProbe(inputs, targets, **options)
 
 
-class UnusedHeadMLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Linear(3, 5)
-        self.head = nn.Linear(5, 2)
-        self.aux = nn.Linear(5, 2)  # never reached by the loss, so Adam keeps no state for it
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.body(x)))
-
-
 def test_adam_stateless_parameters_keep_preconditioned_rows(caplog):
     """An optimized parameter without a gradient has no Adam state, and that used to drop
     every preconditioned row silently. The row is now over the parameters with state."""
     torch.manual_seed(0)
-    model = UnusedHeadMLP().double()
-    inputs, targets = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 2, (12,))
+    model = UnusedHead().double()
+    inputs, targets = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 2, (12,))
     loss_fn = nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05, eps=1e-3)
     probe = SharpnessProbe(inputs, targets, every_epochs=1, max_iter=80, tol=1e-10)
@@ -321,8 +299,8 @@ def test_pyhessian_failure_switches_probe_off(optimized):
     """pyhessian asserts on a parameter the loss does not reach, and takes no subset of
     the parameters. Both used to end the training run; the probe now switches off."""
     torch.manual_seed(0)
-    model = UnusedHeadMLP()
-    inputs, targets = torch.randn(12, 3), torch.randint(0, 2, (12,))
+    model = UnusedHead()
+    inputs, targets = torch.randn(12, 5), torch.randint(0, 2, (12,))
     params = model.parameters() if optimized == "all" else model.head.parameters()
     optimizer = torch.optim.SGD(params, lr=0.1)
     probe = SharpnessProbe(inputs, targets, every_epochs=1, backend="pyhessian")
@@ -337,7 +315,7 @@ def test_pyhessian_failure_switches_probe_off(optimized):
 
 @pytest.mark.parametrize("options, message", [
     ({"chunk_size": 0}, "invalid chunk_size=0"),
-    ({"targets": torch.zeros(5, dtype=torch.long)}, "12 inputs and 5 targets"),
+    ({"targets": torch.zeros(5, dtype=torch.long)}, r"inputs and targets differ in length \(12 and 5\)"),
 ])
 def test_probe_checks_its_batch(options, message):
     """A bad chunk size or a short target tensor used to pass the constructor and fail at the first solve."""
@@ -355,7 +333,7 @@ def _scale():
 
 
 class HiddenScale(nn.Module):
-    """Reads SCALE through a helper function, which no cache key of the traced product sees."""
+    """An MLP that reads SCALE through a helper function, so no cache key of the traced product contains it."""
 
     def __init__(self):
         super().__init__()
