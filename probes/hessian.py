@@ -607,8 +607,11 @@ def lanczos(
     whole space (a start on an eigenvector or in the span of a few, such as the gradient
     of a linear least-squares model), the solve goes on from a fresh Gaussian vector
     orthogonal to it, and stops only once that new block's top Ritz pair has a residual
-    at most ``tol`` times the top value. Invariance is declared at β ≤ 1e-10·max|θ|, so
-    eigenvalues are resolved only to about 1e-10·‖H‖.
+    at most ``tol`` times the top value. A Gaussian start that is itself an eigenvector,
+    with eigenvalue α, ends the solve as converged: almost surely H is then α·I on the
+    space that vector was drawn from, so α is counted once for each dimension of it (a
+    zero Hessian takes one or two products). Invariance is declared at
+    β ≤ 1e-10·max|θ|, so eigenvalues are resolved only to about 1e-10·‖H‖.
     ``start`` (for example the previous estimate's eigenvector) seeds the Krylov
     space; without it a Gaussian vector is drawn from ``generator``. ``callback(j, θ, refined, r)``
     receives, after the j-th product, the top Ritz value, its refined value and its
@@ -631,6 +634,8 @@ def lanczos(
     betas: list[float] = []
     converged = False
     block = 0  # index of the first Lanczos vector since the last restart
+    gaussian_block = start is None  # whether the current block started from a Gaussian vector
+    repeated = 0  # extra copies of the last block's value, when a Gaussian start was an eigenvector
     for j in range(steps):
         w = _checked_product(operator, basis[j], j + 1)
         alpha = torch.dot(basis[j], w)
@@ -657,6 +662,13 @@ def lanczos(
         if j + 1 == dim:  # the whole space: the values are exact
             converged = True
             break
+        if invariant and j == block and gaussian_block:
+            # A Gaussian vector is almost surely an eigenvector only when H is α·I on the space it
+            # was drawn from (the complement of the earlier blocks), so α fills that space. This
+            # ends the solve of a zero Hessian after one or two products instead of max_iter.
+            repeated = dim - block - 1
+            converged = True
+            break
         if block > 0:  # since a restart: the newest block's top pair must settle too, at the overall scale
             _, block_vectors = torch.linalg.eigh(tridiagonal[block:, block:])
             block_settled = beta * abs(block_vectors[-1, -1].item()) <= tol * scale[-1].item()
@@ -677,6 +689,7 @@ def lanczos(
                 basis[j + 1] = w / w.norm()
                 betas.append(0.0)
                 block = j + 1
+                gaussian_block = True
             else:
                 basis[j + 1] = w / beta
                 betas.append(beta)
@@ -685,14 +698,15 @@ def lanczos(
     ritz = vectors[:, -1].to(device)
     vector = basis[:used].T @ ritz
     vector = vector / vector.norm()
-    top_values = values.flip(0)[:k].tolist()
+    spectrum = sorted(values.tolist() + [alphas[-1]] * repeated, reverse=True)
+    top_values = spectrum[:k]
     return EigenEstimate(
         lambda_max=values[-1].item(),
         vector=vector,
         hvp_count=used,
         residual=beta * abs(vectors[-1, -1].item()),
         converged=converged,
-        lambda_2=values[-2].item() if used > 1 else math.nan,
+        lambda_2=spectrum[1] if len(spectrum) > 1 else math.nan,
         eigenvalues=top_values,
         method="lanczos",
         lambda_refined=refined,

@@ -513,3 +513,28 @@ def test_dropout_is_disabled_during_a_solve_and_recorded():
     model.eval()
     reference = top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, max_iter=60, tol=1e-8)
     assert estimate.lambda_max == pytest.approx(reference.lambda_max, rel=1e-6)
+
+
+@pytest.mark.parametrize("start", [None, (1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)])
+def test_lanczos_zero_hessian_converges_at_once(start):
+    """A zero Hessian (for example over parameters the loss is linear in) used to run all
+    max_iter products and report converged=False. A Gaussian vector with Hv = 0 shows
+    that H is zero on the space it came from."""
+    start = None if start is None else torch.tensor(start, dtype=torch.float64)
+    estimate = lanczos(lambda v: 0 * v, 8, k=3, max_iter=50, start=start, generator=torch.Generator().manual_seed(0))
+    assert estimate.converged
+    assert estimate.hvp_count == (1 if start is None else 2)
+    assert estimate.lambda_max == 0.0
+    assert estimate.eigenvalues == [0.0, 0.0, 0.0]
+
+
+def test_lanczos_identity_block_after_an_eigenvector_start():
+    """From the top eigenvector of diag(5, 1, ..., 1), the restart's Gaussian vector is an
+    eigenvector of value 1, which then fills the remaining seven dimensions."""
+    matrix = _matrix((5.0,) + (1.0,) * 7)
+    estimate = lanczos(lambda v: matrix @ v, 8, k=3, tol=1e-8, start=torch.eye(8, dtype=torch.float64)[0],
+                       generator=torch.Generator().manual_seed(0))
+    assert estimate.converged
+    assert estimate.hvp_count == 2
+    assert estimate.eigenvalues == pytest.approx([5.0, 1.0, 1.0], abs=1e-12)
+    assert estimate.lambda_2 == pytest.approx(1.0, abs=1e-12)
