@@ -422,6 +422,41 @@ def has_delayed_error(roots: Sequence[torch.Tensor]) -> bool:
     return False
 
 
+def _double_backward_through(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    """Differentiate twice through one recorded call of ``module``; raise RuntimeError where that fails."""
+    sources = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    sources += [p for p in module.parameters(recurse=False) if p.requires_grad]
+    first = torch.autograd.grad(output.square().sum(), sources, create_graph=True, allow_unused=True)
+    if has_delayed_error([g for g in first if g is not None]):
+        raise RuntimeError("once differentiable")
+    second = sum(g.sum() for g in first if g is not None and g.requires_grad)
+    if isinstance(second, torch.Tensor):
+        torch.autograd.grad(second, sources, allow_unused=True)
+
+
+def _forward_over_reverse_through(module: nn.Module, args: tuple) -> None:
+    """Take ``torch.func.jvp`` of the gradient through one call of ``module`` on ``args``;
+    raise RuntimeError where forward-mode differentiation fails. Leaves the module's buffers as found."""
+    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    buffers = {n: b.clone() for n, b in module.named_buffers(recurse=False)}
+
+    def squared_output(weights: dict[str, torch.Tensor], tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        call = list(args)
+        for i, tensor in zip(positions, tensors):
+            call[i] = tensor
+        return torch.func.functional_call(module, weights, tuple(call)).square().sum()
+
+    primals = (params, tuple(args[i].detach() for i in positions))
+    tangents = torch.utils._pytree.tree_map(torch.ones_like, primals)
+    try:
+        torch.func.jvp(torch.func.grad(squared_output, argnums=(0, 1)), primals, tangents)
+    finally:
+        with torch.no_grad():
+            for n, b in module.named_buffers(recurse=False):
+                b.copy_(buffers[n])
+
+
 def describe_unsupported(model: nn.Module, inputs: torch.Tensor, method: str, error: Exception) -> str:
     """Name the first leaf module whose output has no second derivative, and the way out.
 
@@ -452,18 +487,16 @@ def describe_unsupported(model: nn.Module, inputs: torch.Tensor, method: str, er
         for name, module, args, output in records:
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 continue
-            sources = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-            sources += [p for p in module.parameters(recurse=False) if p.requires_grad]
             try:
-                first = torch.autograd.grad(output.square().sum(), sources, create_graph=True, allow_unused=True)
-                if has_delayed_error([g for g in first if g is not None]):
-                    raise RuntimeError("once differentiable")
-                second = sum(g.sum() for g in first if g is not None and g.requires_grad)
-                if isinstance(second, torch.Tensor):
-                    torch.autograd.grad(second, sources, allow_unused=True)
+                if method == "forward_over_reverse":
+                    _forward_over_reverse_through(module, args)
+                else:
+                    _double_backward_through(module, args, output)
             except RuntimeError:
                 culprit = f"module {name!r} ({type(module).__name__})"
                 break
+            except Exception:  # noqa: BLE001 - a check that cannot run on this module says nothing about it
+                continue
     except RuntimeError:
         pass
     finally:

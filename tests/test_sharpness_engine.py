@@ -455,6 +455,40 @@ def test_unsupported_model_disables_probe_and_training_continues(caplog):
     assert "switched off" in caplog.text
 
 
+class ReverseOnlySquare(torch.autograd.Function):
+    """Twice differentiable in reverse mode, but without the setup_context that torch.func needs."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class ReverseOnly(nn.Module):
+    def forward(self, x):
+        return ReverseOnlySquare.apply(x)
+
+
+def test_forward_mode_error_names_module_and_keeps_buffers():
+    """A module that fails only in forward mode used to be reported as "an operation outside
+    the model's leaf modules", because each module was checked by double backward alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 6),
+                          ReverseOnly(), nn.Linear(6, 3))
+    inputs, targets = torch.randn(8, 3, 6, 6), torch.randint(0, 3, (8,))
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(HessianUnsupportedError, match=r"module '5' \(ReverseOnly\) .* forward_over_reverse"):
+        top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, hvp_method="forward_over_reverse")
+    assert all(torch.equal(state[name], value) for name, value in model.state_dict().items())
+    estimate = top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, hvp_method="auto")
+    assert estimate.method == "lanczos/double_backward"
+
+
 def test_auto_hvp_falls_back_when_forward_mode_fails(caplog):
     """once_differentiable has no forward-mode rule either; auto must then raise clearly."""
     model = _unsupported_model()
