@@ -77,11 +77,14 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
     stars = delta_star_table(runs)
     star_keys = set(zip(stars["depth"], stars["width"], stars["delta_star"])) if not stars.empty else set()
     table = sort_runs(runs)
+    # An MLP's runs carry the ResNet defaults (depth 20, width 1) in the frame; its shape is in its model name.
+    mlp = table["model"].astype(str).str.startswith("mlp") if "model" in table else pd.Series(False, index=table.index)
     return pd.DataFrame(
         {
             "run_id": table["run_id"],
-            "depth": table["depth"],
-            "width": table["width"],
+            "model": table.get("model"),
+            "depth": table["depth"].mask(mlp).astype("Int64"),
+            "width": table["width"].mask(mlp).astype("Int64"),
             "optimizer": table.get("optimizer"),
             "lr": table.get("lr"),
             "method": [method_label(m, d) for m, d in zip(table["method"], table["delta"])],
