@@ -182,6 +182,8 @@ def read_study_file(directory: Path) -> dict | None:
     Raises :class:`ReportError` naming the file and the fix when it is not a JSON object.
     """
     path = directory / "study.json"
+    if path.exists() and not path.is_file():
+        raise ReportError(f"invalid study file {path}: it is not a file; {STUDY_FILE_FIX}")
     if not path.is_file():
         return None
     try:

@@ -155,10 +155,24 @@ OVERRIDES = (
 )
 
 
+def _settings_that_apply(study: dict) -> dict:
+    """Return study.json contents without the δ grid when the study runs no dgclip.
+
+    Studies written before ``--deltas`` without dgclip was rejected kept those values,
+    which change no run, so they must not block a resume.
+    """
+    if "dgclip" in study.get("methods", ()):
+        return study
+    return {key: value for key, value in study.items() if key != "deltas"}
+
+
 def _differing_settings(previous: dict, current: dict) -> str:
     """Name the settings that differ between two study.json contents, with both values."""
-    flat_previous = {**{k: v for k, v in previous.items() if k != "base"}, **previous.get("base", {})}
-    flat_current = {**{k: v for k, v in current.items() if k != "base"}, **current.get("base", {})}
+    def flat(study: dict) -> dict:
+        base = study.get("base")
+        return {**{k: v for k, v in study.items() if k != "base"}, **(base if isinstance(base, dict) else {})}
+
+    flat_previous, flat_current = flat(previous), flat(current)
     names = sorted(name for name in set(flat_previous) | set(flat_current)
                    if flat_previous.get(name) != flat_current.get(name))
     return ", ".join(f"{name}: {flat_previous.get(name)!r} there, {flat_current.get(name)!r} now" for name in names)
@@ -256,13 +270,17 @@ def _prepare_study(args: argparse.Namespace, parser: argparse.ArgumentParser):
                 parser.error(f"invalid --out {out}: {path} is not writable; pass a writable directory")
             break
     study_file = out / "study.json"
+    if study_file.exists() and not study_file.is_file():
+        parser.error(f"invalid --out {out}: {study_file} is not a file; remove it or pass a new --out")
     if study_file.is_file():
+        fix = "delete it (finished runs are kept and reused when their settings match) or pass a new --out"
         try:
             previous = json.loads(study_file.read_text())
         except ValueError:
-            parser.error(f"invalid --out {out}: {study_file} is not valid JSON; delete it (finished runs are kept and "
-                         "reused when their settings match) or pass a new --out")
-        current = json.loads(json.dumps(study.to_dict()))
+            parser.error(f"invalid --out {out}: {study_file} is not valid JSON; {fix}")
+        if not isinstance(previous, dict):
+            parser.error(f"invalid --out {out}: {study_file} holds a JSON {type(previous).__name__}, not an object; {fix}")
+        previous, current = _settings_that_apply(previous), _settings_that_apply(json.loads(json.dumps(study.to_dict())))
         if previous != current:
             differing = _differing_settings(previous, current)
             parser.error(

@@ -192,3 +192,34 @@ def test_status_names_missing_frame_files(study_dir, capsys):
     line = next(line for line in capsys.readouterr().out.splitlines() if HIGH_LR_RUN in line)
     assert "stale" in line
     assert "frame files steps.parquet missing; reruns" in line
+
+
+def test_resume_ignores_stored_settings_that_change_no_run(study_dir, capsys):
+    """Studies written before --deltas without dgclip was rejected kept the δ grid in
+    study.json, and every resume of them then failed with "different settings"."""
+    study_file = study_dir / "study.json"
+    study_file.write_text(json.dumps({**json.loads(study_file.read_text()), "deltas": [0.05]}))
+    statuses = {path: path.read_bytes() for path in study_dir.glob("runs/*/status.json")}
+    assert main(["study", "sharpness", "--lr", "0.05,0.08", *FAST, "--out", str(study_dir)]) == 0
+    assert len(statuses) == 2
+    assert {path: path.read_bytes() for path in statuses} == statuses  # both runs reused, not trained again
+
+
+@pytest.mark.parametrize("command", ["study", "report"])
+@pytest.mark.parametrize("damage", ["list", "directory"])
+def test_study_file_not_an_object_exits_2(study_dir, capsys, command, damage):
+    """A study.json that is a directory was ignored; one holding a list failed with an AttributeError."""
+    study_file = study_dir / "study.json"
+    study_file.unlink()
+    if damage == "directory":
+        study_file.mkdir()
+    else:
+        study_file.write_text("[1, 2]")
+    frames = {path.name: path.read_bytes() for path in (study_dir / "frames").iterdir()}
+    arguments = (["study", "sharpness", "--lr", "0.05,0.08", *FAST, "--out", str(study_dir)] if command == "study"
+                 else ["report", str(study_dir)])
+    with pytest.raises(SystemExit) as exit_info:
+        main(arguments)
+    assert exit_info.value.code == 2
+    assert "study.json" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in (study_dir / "frames").iterdir()} == frames
