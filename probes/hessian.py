@@ -484,19 +484,21 @@ def describe_unsupported(model: nn.Module, inputs: torch.Tensor, method: str, er
         devices = [inputs.device.index or 0] if inputs.device.type == "cuda" else []
         with torch.enable_grad(), torch.random.fork_rng(devices=devices):  # training's random stream must not move
             model(inputs[:2])
-        for name, module, args, output in records:
-            if not isinstance(output, torch.Tensor) or not output.requires_grad:
-                continue
-            try:
-                if method == "forward_over_reverse":
-                    _forward_over_reverse_through(module, args)
-                else:
-                    _double_backward_through(module, args, output)
-            except RuntimeError:
-                culprit = f"module {name!r} ({type(module).__name__})"
-                break
-            except Exception:  # noqa: BLE001 - a check that cannot run on this module says nothing about it
-                continue
+            for handle in handles:  # before the checks, which call the modules again
+                handle.remove()
+            for name, module, args, output in records:
+                if not isinstance(output, torch.Tensor) or not output.requires_grad:
+                    continue
+                try:
+                    if method == "forward_over_reverse":
+                        _forward_over_reverse_through(module, args)
+                    else:
+                        _double_backward_through(module, args, output)
+                except RuntimeError:
+                    culprit = f"module {name!r} ({type(module).__name__})"
+                    break
+                except Exception:  # noqa: BLE001 - a check that cannot run on this module says nothing about it
+                    continue
     except RuntimeError:
         pass
     finally:

@@ -489,6 +489,41 @@ def test_forward_mode_error_names_module_and_keeps_buffers():
     assert estimate.method == "lanczos/double_backward"
 
 
+class TooManyCalls(BaseException):
+    """Escapes every handler in the probe, so a runaway loop fails the test instead of hanging it."""
+
+
+class CountingLinear(nn.Linear):
+    calls = 0
+
+    def forward(self, x):
+        CountingLinear.calls += 1
+        if CountingLinear.calls > 100:
+            raise TooManyCalls
+        return super().forward(x)
+
+
+class FunctionalCube(nn.Module):
+    """A once-differentiable operation between two leaf modules, outside any leaf module."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = CountingLinear(4, 6), CountingLinear(6, 3)
+
+    def forward(self, x):
+        return self.second(OnceDifferentiableSquare.apply(self.first(x)))
+
+
+def test_forward_mode_error_outside_leaf_modules_ends():
+    """The module checks ran with the recording hooks still on, so each check appended a new
+    record to the list being walked: the error was never raised and memory grew without end."""
+    torch.manual_seed(0)
+    CountingLinear.calls = 0
+    inputs, targets = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(HessianUnsupportedError, match="outside the model's leaf modules"):
+        top_eigenvalue(FunctionalCube(), nn.CrossEntropyLoss(), inputs, targets, hvp_method="forward_over_reverse")
+
+
 def test_auto_hvp_falls_back_when_forward_mode_fails(caplog):
     """once_differentiable has no forward-mode rule either; auto must then raise clearly."""
     model = _unsupported_model()
