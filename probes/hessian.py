@@ -829,6 +829,22 @@ def hutchinson_trace(operator: Operator, dim: int, samples: int = 20, generator:
 
 
 ESTIMATORS = ("lanczos", "power")
+# Weight of the Gaussian vector mixed into every start of top_eigenvalue, relative to the unit start.
+START_NOISE = 0.1
+
+
+def mixed_start(start: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Return the unit ``start`` plus ``START_NOISE`` times a unit Gaussian vector from ``generator``.
+
+    A start orthogonal to the top eigenvector (the loss gradient of a bias at its optimum,
+    or the previous eigenvector after a new direction sharpened) keeps the Krylov space
+    orthogonal to it too, and the solve then converges to a smaller eigenvalue with a small
+    residual. The Gaussian part gives every eigenvector a non-zero weight; at 0.1 it lowers
+    the start's cosine with a well-aligned top eigenvector by only about 0.5%.
+    """
+    start = start.to(torch.float64)
+    noise = _random_start(start.numel(), generator, start.device)
+    return start / start.norm() + START_NOISE * noise / noise.norm()
 
 
 def top_eigenvalue(
@@ -861,7 +877,10 @@ def top_eigenvalue(
     preconditioned), which lies mostly in the top eigenspace of the Hessian, so
     Lanczos needs about one product fewer than from a random vector (4 against 5-6
     for 1e-3 relative error on a CIFAR-ResNet-20, ``benchmarks/sharpness.py``). A zero
-    or non-finite gradient falls back to a Gaussian start from ``generator``.
+    or non-finite gradient falls back to a Gaussian start. Either start, given or the
+    gradient, is mixed with a Gaussian vector (:func:`mixed_start`), so that a start
+    orthogonal to the top eigenvector cannot hide it. Random numbers come from
+    ``generator``, by default a fresh one seeded with 0, never from the global generator.
 
     Under ``torch.distributed`` each rank passes its part of the batch and gets the
     estimate for the union (see :class:`HessianOperator`); ``generator`` must then be
@@ -883,6 +902,7 @@ def top_eigenvalue(
         scale = diagonal.to(device=device, dtype=torch.float64).rsqrt()
         apply = lambda v: scale * operator(scale * v)  # noqa: E731
     solve = lanczos_top_eigen if estimator == "lanczos" else power_iteration
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
     try:
         with solve_mode(model) as record:
             if start is None:
@@ -892,6 +912,10 @@ def top_eigenvalue(
                 norm = gradient.norm()
                 if torch.isfinite(norm) and norm > 0:
                     start = gradient
+            # A start of the wrong size or norm goes to the solver unmixed, whose error names it.
+            if start is not None and start.numel() == operator.dim and bool(torch.isfinite(start).all()) \
+                    and start.norm() > 0:
+                start = mixed_start(start.to(device), generator)
             estimate = solve(apply, operator.dim, max_iter, tol, start, generator, device)
     finally:
         operator.release()

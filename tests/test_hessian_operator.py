@@ -88,7 +88,8 @@ def test_unused_parameters_have_zero_hessian(method, chunk_size):
     assert estimate.converged
     assert estimate.lambda_max == pytest.approx(exact, rel=1e-8)
     aux = slice(-sum(p.numel() for p in model.aux.parameters()), None)
-    assert torch.count_nonzero(estimate.vector[aux]) == 0
+    # The Gaussian part of the start decays there like (0/λ_max)^k: only rounding is left.
+    assert estimate.vector[aux].abs().max() < 1e-8
 
 
 def test_gradient_independent_of_parameters():

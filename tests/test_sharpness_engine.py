@@ -607,3 +607,64 @@ def test_lanczos_identity_block_after_an_eigenvector_start():
     assert estimate.hvp_count == 2
     assert estimate.eigenvalues == pytest.approx([5.0, 1.0, 1.0], abs=1e-12)
     assert estimate.lambda_2 == pytest.approx(1.0, abs=1e-12)
+
+
+def _bias_at_optimum():
+    """Least squares whose bias sits at its optimum: the gradient has no bias component,
+    and the bias direction holds the top eigenvalue 2 of the Hessian."""
+    torch.manual_seed(0)
+    inputs = torch.randn(200, 60, dtype=torch.float64) * torch.logspace(0, -1.5, 60, dtype=torch.float64) * 0.6
+    inputs -= inputs.mean(0)
+    targets = torch.randn(200, 1, dtype=torch.float64)
+    model = nn.Linear(60, 1).double()
+    with torch.no_grad():
+        model.bias += targets.mean() - model(inputs).mean()
+    return model, inputs, targets
+
+
+def _squared_error(outputs, targets):
+    return (outputs - targets).square().mean()
+
+
+def test_gradient_start_orthogonal_to_top_eigenvector():
+    """The loss gradient had no weight on the top eigenvector, so the Krylov space never saw
+    it: λ_max 0.886 was reported as converged where the dense value is 2."""
+    model, inputs, targets = _bias_at_optimum()
+    exact = torch.linalg.eigvalsh(_dense_hessian(model, _squared_error, inputs, targets))[-1].item()
+    rng = torch.get_rng_state()
+    estimate = top_eigenvalue(model, _squared_error, inputs, targets, tol=1e-6)
+    assert exact == pytest.approx(2.0, rel=1e-12)
+    assert estimate.converged
+    assert estimate.lambda_max == pytest.approx(exact, rel=1e-6)
+    assert torch.equal(torch.get_rng_state(), rng)  # the Gaussian part came from the solve's own generator
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(40, 1), nn.Linear(40, 1)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], dim=1)
+
+
+def test_probe_warm_start_finds_a_new_sharp_direction():
+    """Two heads with separate loss terms: head b's term is off at the first solve, so the
+    eigenvector lies in head a, then b turns sharp. The warm start had no weight on head b,
+    and the probe reported head a's value as converged."""
+    torch.manual_seed(0)
+    model = TwoHeads().double()
+    inputs, targets = torch.randn(64, 40, dtype=torch.float64), torch.randn(64, 2, dtype=torch.float64)
+    scale = {"b": 0.0}
+
+    def loss_fn(outputs, targets_):
+        return _squared_error(outputs[:, 0], targets_[:, 0]) + scale["b"] * _squared_error(outputs[:, 1], targets_[:, 1])
+
+    probe = SharpnessProbe(inputs, targets, tol=1e-6, max_iter=100)
+    first = probe.measure(model, loss_fn)
+    scale["b"] = 3.0
+    second = probe.measure(model, loss_fn)
+    exact = torch.linalg.eigvalsh(_dense_hessian(model, loss_fn, inputs, targets))[-1].item()
+    assert probe.last_start == "previous"
+    assert second.lambda_max > first.lambda_max * 2
+    assert second.lambda_max == pytest.approx(exact, rel=1e-6)
