@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dynamics.data import TensorLoader, load_cifar10_dataset  # noqa: E402
 from dynamics.models import CifarResNet  # noqa: E402
-from probes.hessian import HessianOperator, lanczos, solve_mode  # noqa: E402
+from probes.hessian import HessianOperator, lanczos, mixed_start, solve_mode  # noqa: E402
 from probes.linearized import cached_split_product  # noqa: E402
 
 ACCURACY = 1e-3
@@ -137,17 +137,20 @@ def ours_trace(model, loss_fn, inputs, targets, method, start="gradient", max_it
     With the default ``tol`` of 0 it runs all ``max_iter`` products.
 
     ``start`` is a vector (warm start), ``"gradient"`` (the estimator's cold-start
-    default) or None (a Gaussian vector).
+    default) or None (a Gaussian vector). A vector or the gradient is mixed with a
+    Gaussian one, as ``top_eigenvalue`` does (:func:`probes.hessian.mixed_start`).
     """
     model.eval()
     trace = []
+    generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     with solve_mode(model):
         operator = HessianOperator(model, loss_fn, inputs, targets, method=method)
         if isinstance(start, str):
             start = operator.gradient()
-        lanczos(operator, operator.dim, max_iter=max_iter, tol=tol, start=start,
-                generator=torch.Generator().manual_seed(seed),
+        if start is not None:
+            start = mixed_start(start, generator)
+        lanczos(operator, operator.dim, max_iter=max_iter, tol=tol, start=start, generator=generator,
                 callback=lambda j, theta, refined, residual: trace.append(
                     (time.perf_counter() - started, theta, refined, residual)))
         operator.release()
