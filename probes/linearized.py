@@ -398,7 +398,7 @@ class _Fingerprint:
             closure = tuple(self.value(cell.cell_contents, depth + 1) for cell in obj.__closure__ or ())
             return ("function", self.identity(obj.__code__), closure, self.value(obj.__defaults__ or (), depth + 1))
         if isinstance(obj, types.MethodType):
-            return ("method", self.value(obj.__func__, depth + 1), self.identity(obj.__self__))
+            return ("method", self.value(obj.__func__, depth + 1), self.owner(obj.__self__, depth + 1))
         if isinstance(obj, functools.partial):
             return ("partial", self.value(obj.func, depth + 1), self.value(obj.args, depth + 1),
                     self.value(obj.keywords, depth + 1))
@@ -456,11 +456,19 @@ class _Fingerprint:
             key=lambda item: item[0],
         ))
 
+    def owner(self, obj: object, depth: int = 0) -> tuple:
+        """Return a key for the object a bound method belongs to, by content: the method may read any attribute."""
+        if isinstance(obj, nn.Module) and depth < _DEPTH:
+            tensors = tuple((name, self.value(t)) for name, t in [*obj.named_parameters(), *obj.named_buffers()])
+            return ("module", type(obj), self.attributes(obj), tensors)
+        return self.value(obj, depth)
+
     def loss(self, loss_fn: LossFn) -> tuple:
         """Return a key for a loss, so that an equal fresh one (``nn.CrossEntropyLoss()`` per call) reuses the trace.
 
         A function is keyed by its code, defaults, closure (by content, as in
-        :meth:`value`) and the globals its code names.
+        :meth:`value`) and the globals its code names; a bound method also by its
+        object's attributes.
         NOTE: values that the functions it calls read are not part of the key, so a
         change there is not seen by a cached trace.
         """
@@ -473,7 +481,7 @@ class _Fingerprint:
         if code is None:  # a callable object or a builtin
             return ("callable", type(loss_fn), self.attributes(loss_fn) if hasattr(loss_fn, "__dict__") else (),
                     self.identity(loss_fn))
-        return (self.value(function), self.named_globals(function), self.identity(owner) if owner is not None else None)
+        return (self.value(function), self.named_globals(function), self.owner(owner) if owner is not None else None)
 
 
 def _tensor_key(tensor: torch.Tensor) -> tuple:

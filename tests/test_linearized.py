@@ -356,6 +356,23 @@ def _change_slot(model, _):
     model.slotted.gain = 3.0
 
 
+class Tempered:
+    """A plain object whose bound method is the loss; the method reads its temperature."""
+
+    def __init__(self):
+        self.temperature = 1.0
+
+    def loss(self, outputs, targets):
+        return nn.functional.cross_entropy(outputs / self.temperature, targets)
+
+
+TEMPERED = Tempered()
+
+
+def _change_method_owner(model, _):
+    TEMPERED.temperature = 0.25
+
+
 DEEP_CHANGES = (_change_module_global, _change_class_attribute, _change_nested_config, _change_array_in_place,
                 _change_slot)
 
@@ -380,6 +397,7 @@ def _make_weighted_loss():
     (_change_object_field, smoothed, None),
     (_change_closure_dict, _make_weighted_loss(), None),
     *((change, smoothed, None) for change in DEEP_CHANGES),
+    (_change_method_owner, TEMPERED.loss, None),
 ])
 def test_cached_split_sees_changed_values(change, loss_fn, changed_loss, monkeypatch):
     """Check that each value a trace would freeze, other than parameters and buffers, is part of the cache key.
@@ -389,9 +407,10 @@ def test_cached_split_sees_changed_values(change, loss_fn, changed_loss, monkeyp
     setting. The others used to return the old Hessian: an entry of a config dict, a
     swapped activation function, a field of a config object, a dict in the loss's
     closure, a module-level global, a class attribute, a field two config objects deep,
-    a numpy array changed in place, and a ``__slots__`` field. Each solve after a change
-    must match double backward.
+    a numpy array changed in place, a ``__slots__`` field, and an attribute of the object
+    whose bound method is the loss. Each solve after a change must match double backward.
     """
+    monkeypatch.setattr(TEMPERED, "temperature", 1.0)
     monkeypatch.setitem(globals(), "SMOOTHING", 0.0)
     monkeypatch.setitem(CONFIG, "weight", 1.0)
     monkeypatch.setitem(globals(), "TEMPERATURE", 1.0)
