@@ -58,12 +58,14 @@ class SharpnessProbe(Callback):
         every_epochs: measure at the end of every this many epochs (0: only after the
             last epoch).
         every_steps: also measure after every this many optimizer steps (0: never).
-        momentum: heavy-ball β in [0, 1) of an SGD optimizer, for the (2+2β)/h threshold.
+        momentum: heavy-ball β in [0, 1), for the (2+2β)/h threshold of an optimizer
+            other than ``torch.optim.SGD``, whose own β, ``nesterov`` and ``dampening``
+            are read from its first parameter group instead.
         bn_mode: ``train`` evaluates BatchNorm with batch statistics, as in the loss the
             optimizer descends; ``eval`` uses running statistics. Buffers are restored.
         max_iter, tol: budget in Hessian-vector products and relative residual tolerance.
-        seed: seed of the probe's own generator, for a Gaussian start vector where the
-            loss gradient is zero or not finite.
+        seed: seed of the probe's own generator, for the Gaussian part of every start
+            vector (:func:`probes.hessian.mixed_start`).
         start: what starts each solve after the first. ``previous``: the previous
             estimate's eigenvector (warm start). ``gradient``: the loss gradient, like the
             first solve. ``auto`` (default): the previous eigenvector while it stays
@@ -154,6 +156,7 @@ class SharpnessProbe(Callback):
         self.unconverged = 0
         self._warned_adam = False
         self._warned_stateless = False
+        self._warned_momentum = False
 
     def _union_batch_size(self) -> int:
         """Return the sharpness batch size over every rank's part (the local size in a single process)."""
@@ -239,6 +242,7 @@ class SharpnessProbe(Callback):
             state["_start"] = state.pop("start")
         defaults = {"_start": "previous", "cosine": {False: math.nan, True: math.nan}, "last_start": "",
                     "_step_rows": (-1, []), "group": None, "_batch_size": None, "_warned_stateless": False,
+                    "_warned_momentum": False,
                     "requested_hvp_method": state.get("hvp_method", "auto")}
         self.__dict__.update({**defaults, **state})
         self.start = self._start  # through the setter: versions before it accepted any string
@@ -289,7 +293,7 @@ class SharpnessProbe(Callback):
         try:
             estimate = self.measure(state.model, state.loss_fn, params=params)
             rows = [self._row(state, estimate, kind, value, False)
-                    for kind, value in stability_thresholds(h, 0.0 if adam else self.momentum).items()]
+                    for kind, value in stability_thresholds(h, **self._momentum(inner, state.run_id)).items()]
             if adam:
                 if not self._warned_adam:
                     log.warning(
@@ -323,6 +327,32 @@ class SharpnessProbe(Callback):
         for row in rows:
             state.recorder.append("sharpness", row)
         return rows
+
+    def _momentum(self, optimizer: torch.optim.Optimizer, run_id: str) -> dict:
+        """Return the momentum settings for :func:`stability_thresholds`, read from ``optimizer`` where it has them.
+
+        ``torch.optim.SGD`` gives β, ``nesterov`` and ``dampening`` of its first group, and
+        the constructor's ``momentum`` only serves optimizers that do not say. Adam's
+        threshold is the preconditioned row's; other optimizers get 2/h with a warning
+        that it is not their criterion.
+        """
+        if isinstance(optimizer, torch.optim.SGD):
+            group = optimizer.param_groups[0]
+            beta = group.get("momentum", 0.0)
+            if self.momentum and self.momentum != beta and not self._warned_momentum:
+                log.warning("%s: the probe's momentum=%g differs from the optimizer's β=%g; the thresholds use "
+                            "the optimizer's", run_id, self.momentum, beta)
+                self._warned_momentum = True
+            return {"momentum": beta, "nesterov": bool(group.get("nesterov", False)),
+                    "dampening": group.get("dampening", 0.0)}
+        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            return {"momentum": 0.0}
+        if not self._warned_momentum:
+            log.warning("%s: the probe knows no stability threshold for %s; its rows compare λ_max with 2/h (and "
+                        "(2+2β)/h with the probe's momentum=%g), which need not be this optimizer's criterion",
+                        run_id, type(optimizer).__name__, self.momentum)
+            self._warned_momentum = True
+        return {"momentum": self.momentum}
 
     def after_step(self, state: TrainState) -> None:
         if self.every_steps and state.step % self.every_steps == 0:

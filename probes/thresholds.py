@@ -3,6 +3,12 @@
 For gradient descent with step size h on a quadratic, iterates diverge along an
 eigendirection whose eigenvalue exceeds 2/h. Heavy-ball momentum β moves that edge
 to (2 + 2β)/h. Here h is the step actually taken: for δ-GClip, h_t = η·c_t.
+
+``torch.optim.SGD`` has two variants with other edges. With dampening d the buffer
+adds (1 − d)·g, which is heavy ball with step h(1 − d): the edge is (2 + 2β)/(h(1 − d)).
+With ``nesterov=True`` the step is h(g + β·b) for the updated buffer b; on a quadratic
+the iteration matrix has an eigenvalue −1 at hλ(1 + 2β) = 2 + 2β, so the edge is
+(2 + 2β)/(h(1 + 2β)): 2/h at β = 0, and 38/(28h) at β = 0.9.
 """
 
 from __future__ import annotations
@@ -10,13 +16,25 @@ from __future__ import annotations
 import math
 
 
-def stability_thresholds(effective_lr: float, momentum: float = 0.0) -> dict[str, float]:
-    """Return the thresholds keyed by kind: ``2/h`` always, ``(2+2β)/h`` when β > 0."""
-    if not effective_lr > 0:
-        return {"2/h": math.inf}
-    thresholds = {"2/h": 2.0 / effective_lr}
+def stability_thresholds(effective_lr: float, momentum: float = 0.0, nesterov: bool = False,
+                         dampening: float = 0.0) -> dict[str, float]:
+    """Return the thresholds keyed by kind: ``2/h`` always, and when β > 0 the momentum edge.
+
+    The momentum kind is ``(2+2β)/h`` for heavy ball, ``(2+2β)/(h(1-d))`` with dampening
+    d > 0 and ``(2+2β)/(h(1+2β))`` for Nesterov, as ``torch.optim.SGD`` defines them (see
+    the module docstring). Every momentum kind starts with "(2+2β)/". A step size h ≤ 0
+    (a skipped step) gives every kind the value inf.
+    """
+    kind = "(2+2β)/h"
+    factor = 1.0
+    if nesterov:
+        kind, factor = "(2+2β)/(h(1+2β))", 1.0 + 2.0 * momentum
+    elif dampening:
+        kind, factor = "(2+2β)/(h(1-d))", 1.0 - dampening
+    thresholds = {"2/h": 2.0 / effective_lr if effective_lr > 0 else math.inf}
     if momentum > 0:
-        thresholds["(2+2β)/h"] = (2.0 + 2.0 * momentum) / effective_lr
+        # Dampening 1 adds no gradient to the buffer: no edge at all.
+        thresholds[kind] = (2.0 + 2.0 * momentum) / (effective_lr * factor) if effective_lr * factor > 0 else math.inf
     return thresholds
 
 

@@ -2,7 +2,8 @@
 
 The criterion of a run is the threshold its optimizer is stable below: the
 preconditioned sharpness against (2+2β1)/(h(1−β1)) for Adam, λ_max against
-(2+2β)/h for heavy-ball momentum β > 0, and λ_max against 2/h otherwise. The final
+the momentum edge for SGD with β > 0 ((2+2β)/h for heavy ball; see
+``probes.thresholds`` for dampening and Nesterov), and λ_max against 2/h otherwise. The final
 phase is the last third of the measured steps.
 """
 
@@ -18,6 +19,8 @@ from reports.figures import PANEL_HEIGHT, STYLE, TEXT_WIDTH, log_mask, note_mask
 from reports.tables import method_label
 
 FINAL_FRACTION = 1 / 3
+# The start of every momentum threshold kind: heavy ball, dampened and Nesterov SGD (probes.thresholds).
+MOMENTUM_KIND = "(2+2β)/"
 
 
 def criterion_rows(sharpness: pd.DataFrame) -> pd.DataFrame:
@@ -28,8 +31,8 @@ def criterion_rows(sharpness: pd.DataFrame) -> pd.DataFrame:
     for _, rows in sharpness.groupby("run_id", sort=False):
         if "preconditioned" in rows and rows["preconditioned"].any():
             parts.append(rows[rows["preconditioned"]])
-        elif (rows["threshold_kind"] == "(2+2β)/h").any():
-            parts.append(rows[rows["threshold_kind"] == "(2+2β)/h"])
+        elif (momentum := rows["threshold_kind"].str.startswith(MOMENTUM_KIND)).any():
+            parts.append(rows[momentum])
         else:
             parts.append(rows[rows["threshold_kind"] == "2/h"])
     return pd.concat(parts, ignore_index=True) if parts else sharpness.iloc[:0]

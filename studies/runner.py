@@ -176,7 +176,9 @@ def summarize_run(config: RunConfig, result: TrainResult, frames: dict[str, pd.D
         row["delta_active_step_fraction"] = steps["delta_active"].mean()
         row["clip_active_step_fraction"] = steps["clip_active"].mean()
     final = sharpness[sharpness["threshold_kind"] == "2/h"].tail(1) if not sharpness.empty else sharpness
-    momentum_rows = sharpness[sharpness["threshold_kind"] == "(2+2β)/h"].tail(1) if not sharpness.empty else sharpness
+    # Heavy ball, dampened or Nesterov: every momentum kind starts with "(2+2β)/" (probes.thresholds).
+    momentum_rows = (sharpness[sharpness["threshold_kind"].str.startswith("(2+2β)/")].tail(1) if not sharpness.empty
+                     else sharpness)
     row["final_threshold_momentum"] = momentum_rows["threshold"].iloc[0] if len(momentum_rows) else np.nan
     row["final_deviation_momentum"] = momentum_rows["deviation"].iloc[0] if len(momentum_rows) else np.nan
     events = frames.get("probe_events", pd.DataFrame())

@@ -1,0 +1,74 @@
+"""Stability thresholds against the edge that torch's own optimizers show on a 1-D quadratic."""
+
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dynamics.data import TensorLoader
+from dynamics.trainer import TrainConfig, Trainer
+from probes import SharpnessProbe, stability_thresholds
+
+
+def _final_size(curvature: float, lr: float, **sgd) -> float:
+    """Run torch.optim.SGD for 2000 steps on f(x) = curvature·x²/2 from x = 1 and return |x|."""
+    x = torch.ones(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.SGD([x], lr=lr, **sgd)
+    for _ in range(2000):
+        optimizer.zero_grad()
+        (0.5 * curvature * x.square()).sum().backward()
+        optimizer.step()
+    return x.abs().item()
+
+
+@pytest.mark.parametrize("sgd, kind", [
+    ({}, "2/h"),
+    ({"momentum": 0.9}, "(2+2β)/h"),
+    ({"momentum": 0.9, "dampening": 0.5}, "(2+2β)/(h(1-d))"),
+    ({"momentum": 0.9, "nesterov": True}, "(2+2β)/(h(1+2β))"),
+    ({"momentum": 0.5, "nesterov": True}, "(2+2β)/(h(1+2β))"),
+])
+def test_threshold_is_the_edge_of_torch_sgd(sgd, kind):
+    """SGD converges 2% below the threshold and diverges 2% above it. Nesterov and dampened
+    SGD used to get the heavy-ball edge (2+2β)/h: 38 at h = 0.1 and β = 0.9, where
+    Nesterov's edge is 13.6 and the dampened one's 76."""
+    lr = 0.1
+    thresholds = stability_thresholds(lr, sgd.get("momentum", 0.0), sgd.get("nesterov", False),
+                                      sgd.get("dampening", 0.0))
+    assert _final_size(0.98 * thresholds[kind], lr, **sgd) < 1e-6
+    assert _final_size(1.02 * thresholds[kind], lr, **sgd) > 1e6
+
+
+def test_skipped_step_keeps_every_kind():
+    """A step size of 0 (a skipped step) used to drop the momentum row."""
+    assert stability_thresholds(0.0, 0.9) == {"2/h": math.inf, "(2+2β)/h": math.inf}
+
+
+def _train_with_probe(optimizer_class, caplog, probe_momentum=0.0, **options):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    inputs, targets = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    optimizer = optimizer_class(model.parameters(), lr=0.05, **options)
+    probe = SharpnessProbe(inputs, targets, momentum=probe_momentum)
+    with caplog.at_level(logging.WARNING, logger="probes.sharpness"):
+        result = Trainer(model, nn.CrossEntropyLoss(), TensorLoader(inputs, targets, 16), TensorLoader(inputs, targets, 16),
+                         optimizer, TrainConfig(1, progress=False), [probe]).fit()
+    return {row["threshold_kind"]: row["threshold"] for row in result.recorder.rows("sharpness")}
+
+
+def test_probe_reads_momentum_from_the_optimizer(caplog):
+    """The probe used its constructor's momentum (0 by default), so SGD with momentum 0.9 got
+    only a 2/h row, and Nesterov SGD the heavy-ball edge."""
+    rows = _train_with_probe(torch.optim.SGD, caplog, momentum=0.9)
+    assert rows == pytest.approx({"2/h": 40.0, "(2+2β)/h": 76.0})
+    rows = _train_with_probe(torch.optim.SGD, caplog, probe_momentum=0.5, momentum=0.9, nesterov=True)
+    assert rows == pytest.approx({"2/h": 40.0, "(2+2β)/(h(1+2β))": 76.0 / 2.8})
+    assert "differs from the optimizer's β=0.9" in caplog.text
+
+
+def test_probe_warns_for_an_optimizer_without_a_known_threshold(caplog):
+    rows = _train_with_probe(torch.optim.RMSprop, caplog)
+    assert set(rows) == {"2/h"}
+    assert "knows no stability threshold for RMSprop" in caplog.text
