@@ -15,10 +15,23 @@ from typing import Any, Iterator
 import pandas as pd
 
 
+def _temporary_beside(path: Path, prefix: str, suffix: str = "") -> tuple[int, str]:
+    """Create a temporary file beside ``path`` with the mode a plain ``open`` would give it.
+
+    ``mkstemp`` creates files readable by their owner only (0600), which would leave a
+    study's results unreadable to collaborators; this applies 0666 minus the umask.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
+    return handle, temporary
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    handle, temporary = _temporary_beside(path, f".{path.name}.")
     try:
         with os.fdopen(handle, "wb") as f:
             f.write(data)
@@ -33,8 +46,7 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    handle, temporary = _temporary_beside(path, f".{path.name}.")
     os.close(handle)
     try:
         frame.to_parquet(temporary, index=False)
@@ -47,8 +59,7 @@ def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path with the same suffix beside ``path``; rename it into place on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    handle, temporary = _temporary_beside(path, f".{path.stem}.", path.suffix)
     os.close(handle)
     try:
         yield Path(temporary)

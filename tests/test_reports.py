@@ -73,3 +73,22 @@ def test_runs_table_leaves_depth_and_width_blank_for_an_mlp():
     assert pd.isna(table.loc["mlp-a", "depth"]) and pd.isna(table.loc["mlp-a", "width"])
     assert (table.loc["resnet-b", "depth"], table.loc["resnet-b", "width"]) == (8, 2)
     assert "–" in to_markdown(runs_table(runs))
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    """mkstemp's 0600 used to survive the rename, so collaborators could not read any result."""
+    import os
+    import stat
+
+    from reports.atomic import atomic_path, atomic_write_json, atomic_write_parquet
+
+    previous = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "study.json", {"a": 1})
+        atomic_write_parquet(tmp_path / "runs.parquet", pd.DataFrame({"a": [1]}))
+        with atomic_path(tmp_path / "figure.png") as temporary:
+            temporary.write_bytes(b"png")
+    finally:
+        os.umask(previous)
+    for name in ("study.json", "runs.parquet", "figure.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
