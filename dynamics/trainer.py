@@ -63,10 +63,13 @@ class DivergenceError(RuntimeError):
 def select_device(device: str | torch.device = "auto") -> torch.device:
     """Return the requested device, or for ``auto`` the first of cuda, mps, cpu present."""
     if str(device) != "auto":
+        requested = device
         try:
             device = torch.device(device)
         except RuntimeError:
-            raise ValueError(f"invalid device={str(device)!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+            device = None
+        if device is None or device.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"invalid device={str(requested)!r}: expected auto, cpu, cuda, cuda:N or mps")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"invalid device={str(device)!r}: CUDA is not available here; use 'cpu' or 'auto'")
         if device.type == "mps" and not torch.backends.mps.is_available():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import logging
 import os
@@ -156,14 +157,17 @@ OVERRIDES = (
 
 
 def _settings_that_apply(study: dict) -> dict:
-    """Return study.json contents without the δ grid when the study runs no dgclip.
+    """Return study.json contents as a comparable grid: methods in sorted order, and no δ grid without dgclip.
 
-    Studies written before ``--deltas`` without dgclip was rejected kept those values,
-    which change no run, so they must not block a resume.
+    The order of ``--methods`` changes no run. Studies written before ``--deltas`` without
+    dgclip was rejected kept those values, which change no run either; neither may block
+    a resume.
     """
-    if "dgclip" in study.get("methods", ()):
-        return study
-    return {key: value for key, value in study.items() if key != "deltas"}
+    methods = study.get("methods", ())
+    comparable = {key: value for key, value in study.items() if key != "deltas" or "dgclip" in methods}
+    if isinstance(methods, list):
+        comparable["methods"] = sorted(map(str, methods))
+    return comparable
 
 
 def _differing_settings(previous: dict, current: dict) -> str:
@@ -228,8 +232,9 @@ def _prepare_study(args: argparse.Namespace, parser: argparse.ArgumentParser):
             overrides["milestones"] = tuple(
                 sorted({max(1, round(m * overrides["epochs"] / old_epochs)) for m in old_milestones})
             ) if overrides["epochs"] > 1 else ()
-    if args.checkpoint_interval < 0:
-        parser.error(f"invalid --checkpoint-interval {args.checkpoint_interval}: expected seconds >= 0")
+    if not (math.isfinite(args.checkpoint_interval) and args.checkpoint_interval >= 0):
+        parser.error(f"invalid --checkpoint-interval {args.checkpoint_interval}: expected a finite number of "
+                     "seconds >= 0")
     if args.jobs < 1:
         parser.error(f"invalid --jobs {args.jobs}: expected an integer >= 1")
     if args.jobs > 1 and args.executor != "local":

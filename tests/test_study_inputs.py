@@ -223,3 +223,31 @@ def test_study_file_not_an_object_exits_2(study_dir, capsys, command, damage):
     assert exit_info.value.code == 2
     assert "study.json" in capsys.readouterr().err
     assert {path.name: path.read_bytes() for path in (study_dir / "frames").iterdir()} == frames
+
+
+def test_resume_with_methods_in_another_order(tmp_path):
+    """The same grid with --methods in another order was rejected as "different settings"."""
+    out = tmp_path / "study"
+    arguments = ["study", "sharpness", "--lr", "0.05", "--deltas", "0.5", *FAST, "--out", str(out)]
+    assert main([*arguments[:2], "--methods", "sgd,dgclip", *arguments[2:]]) == 0
+    statuses = {path: path.read_bytes() for path in out.glob("runs/*/status.json")}
+    assert main([*arguments[:2], "--methods", "dgclip,sgd", *arguments[2:]]) == 0
+    assert len(statuses) == 2
+    assert {path: path.read_bytes() for path in statuses} == statuses
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--weight-decay", "inf", "a finite number >= 0"),
+    ("--checkpoint-interval", "nan", "a finite number of seconds"),
+    ("--device", "xpu", "expected auto, cpu, cuda, cuda:N or mps"),
+    ("--device", "meta", "expected auto, cpu, cuda, cuda:N or mps"),
+])
+def test_out_of_range_option_exits_2_before_writing(tmp_path, capsys, option, value, message):
+    """Each of these was accepted: an infinite weight decay diverged every run, a NaN interval
+    never wrote a checkpoint, and xpu or meta wrote study.json and then crashed."""
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", "sharpness", option, value, *FAST, "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
