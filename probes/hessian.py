@@ -62,6 +62,10 @@ def select_parameters(model: nn.Module, params: Sequence[torch.Tensor] | None = 
     if params is not None:
         requested = {id(p) for p in params}
         named = [(name, p) for name, p in named if id(p) in requested]
+        if len(named) < len(requested):
+            raise ValueError(f"{len(requested) - len(named)} of the {len(requested)} tensors in params are not "
+                             "trainable parameters of the model (parameters of another model, or with "
+                             "requires_grad=False); pass only the model's own trainable parameters")
     return named
 
 
@@ -353,7 +357,8 @@ class HessianOperator:
         return results[self.method][1]
 
     def __call__(self, vector: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum(self._local_product(vector), self.group)
+        with torch.enable_grad():  # a probe may be called inside torch.no_grad(), as evaluation code often is
+            return all_reduce_sum(self._local_product(vector), self.group)
 
     def _local_product(self, vector: torch.Tensor) -> torch.Tensor:
         self.products += 1
@@ -373,7 +378,8 @@ class HessianOperator:
         With one chunk on a path that may use double backward, this builds the cached
         gradient graph that later products reuse, so the gradient comes for free.
         """
-        return all_reduce_sum(self._local_gradient(), self.group)
+        with torch.enable_grad():
+            return all_reduce_sum(self._local_gradient(), self.group)
 
     def _local_gradient(self) -> torch.Tensor:
         if self.method == "forward_over_reverse" and self._bind_split(with_gradient=True):

@@ -14,7 +14,7 @@ from dynamics.distributed import sum_over_ranks
 from dynamics.events import Callback, TrainState
 from probes.backends import pyhessian_top_eigenvalue
 from probes.hessian import (ESTIMATORS, HVP_METHODS, EigenEstimate, HessianUnsupportedError, check_batch, check_tol,
-                            is_integer, top_eigenvalue)
+                            is_integer, select_parameters, top_eigenvalue)
 from probes.state import preserved_model_state
 from probes.thresholds import adam_preconditioner, adam_threshold, eos_deviation, stability_thresholds
 
@@ -126,6 +126,8 @@ class SharpnessProbe(Callback):
         for name, value in (("every_epochs", every_epochs), ("every_steps", every_steps)):
             if not (is_integer(value) and value >= 0):
                 raise ValueError(f"invalid {name}={value!r}: expected an integer >= 0 (0 switches this cadence off)")
+        if not is_integer(seed):
+            raise ValueError(f"invalid seed={seed!r}: expected an integer, the seed of the probe's own generator")
         real = isinstance(momentum, numbers.Real) and not isinstance(momentum, bool)
         if not (real and math.isfinite(momentum) and 0 <= momentum < 1):
             raise ValueError(f"invalid momentum={momentum!r}: expected the SGD heavy-ball β, a number in [0, 1) "
@@ -195,7 +197,8 @@ class SharpnessProbe(Callback):
                     raise HessianUnsupportedError(f"the pyhessian backend failed ({type(error).__name__}: {error}); "
                                                   "use backend='ours'") from error
             else:
-                start = self._start_vector(preconditioned)
+                dim = sum(p.numel() for _, p in select_parameters(model, params))
+                start = self._start_vector(preconditioned, dim)
                 recheck = self.requested_hvp_method == "auto" and self.estimates % AUTO_RECHECK == 0
                 estimate = top_eigenvalue(
                     model, loss_fn, self.inputs, self.targets,
@@ -206,7 +209,7 @@ class SharpnessProbe(Callback):
                 )
                 self.hvp_method = estimate.method.split("/")[-1]  # keep the path "auto" chose
         previous = self.previous[preconditioned]
-        if previous is not None:
+        if previous is not None and previous.numel() == estimate.vector.numel():
             self.cosine[preconditioned] = abs(torch.dot(previous, estimate.vector)).item()
         self.previous[preconditioned] = estimate.vector
         self.last = estimate
@@ -247,10 +250,17 @@ class SharpnessProbe(Callback):
         self.__dict__.update({**defaults, **state})
         self.start = self._start  # through the setter: versions before it accepted any string
 
-    def _start_vector(self, preconditioned: bool) -> torch.Tensor | None:
-        """Return the vector that starts the next solve, or None for the loss gradient."""
+    def _start_vector(self, preconditioned: bool, dim: int) -> torch.Tensor | None:
+        """Return the vector that starts the next solve over ``dim`` parameters, or None for the loss gradient.
+
+        A previous eigenvector of another length (parameters unfrozen since, or newly
+        given Adam state) cannot start the solve, so the gradient does.
+        """
         previous = self.previous[preconditioned]
         turned = self.cosine[preconditioned] < MIN_WARM_COSINE  # False while NaN
+        if previous is not None and previous.numel() != dim:
+            self.previous[preconditioned] = previous = None
+            self.cosine[preconditioned] = math.nan
         if previous is None or self.start == "gradient" or (self.start == "auto" and turned):
             self.last_start = "gradient"
             return None
@@ -286,6 +296,9 @@ class SharpnessProbe(Callback):
     def _record(self, state: TrainState) -> list[dict]:
         if self.disabled_reason:
             return []
+        if state.loss_fn is None:
+            raise ValueError("the sharpness probe needs the training loss, but the run has none: pass loss_fn= to "
+                             "ProbeSession (the Trainer passes its own)")
         h = state.measurement.effective_lr if state.measurement is not None else math.nan
         inner = _inner_optimizer(state.optimizer)
         adam = isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))

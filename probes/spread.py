@@ -45,6 +45,9 @@ def sharpness_spread(
     with ``tol``. ``kwargs`` go to :func:`probes.hessian.top_eigenvalue`, except
     ``start`` and ``generator``, which the seeds set.
     """
+    if bn_mode not in ("train", "eval"):
+        raise ValueError(f"invalid bn_mode={bn_mode!r}: expected 'train' (batch statistics) or 'eval' (running "
+                         "statistics)")
     if not batches:
         raise ValueError("sharpness_spread needs at least one (inputs, targets) batch")
     seeds = tuple(seeds)

@@ -214,7 +214,7 @@ def test_probe_reads_old_pickles():
         del old[name]
     restored = pickle.loads(pickle.dumps(probe))
     assert restored.start == "gradient"
-    assert restored._start_vector(False) is None  # the first solve starts from the gradient
+    assert restored._start_vector(False, 10) is None  # the first solve starts from the gradient
     assert (restored._step_rows, restored.group, restored._batch_size) == ((-1, []), None, None)
     fresh = pickle.loads(pickle.dumps(SharpnessProbe(inputs, targets, start="previous")))
     assert fresh.start == "previous"

@@ -366,3 +366,63 @@ def test_auto_recheck_catches_a_stale_trace(monkeypatch):
     estimate = probe.measure(model, loss_fn)
     assert estimate.method.endswith("double_backward")
     assert estimate.lambda_max == pytest.approx(exact, rel=1e-8)
+
+
+def test_probe_survives_parameters_unfrozen_between_solves():
+    """Unfreezing a layer after the first solve made the previous eigenvector too short to
+    start the next one, and the ValueError ended the training run."""
+    model, inputs, targets = _tiny_problem()
+    model[0].requires_grad_(False)
+    probe = SharpnessProbe(inputs, targets, max_iter=100, tol=1e-8)
+    first = probe.measure(model, nn.CrossEntropyLoss())
+    model[0].requires_grad_(True)
+    second = probe.measure(model, nn.CrossEntropyLoss())
+    exact = torch.linalg.eigvalsh(_dense_hessian(model, nn.CrossEntropyLoss(), inputs, targets))[-1].item()
+    assert first.vector.numel() < second.vector.numel()
+    assert probe.last_start == "gradient"
+    assert second.lambda_max == pytest.approx(exact, rel=1e-6)
+
+
+def test_probe_inside_no_grad():
+    """Called inside torch.no_grad() (evaluation code often is), the probe either raised
+    autograd's bare error or blamed a Linear module for having no second derivative."""
+    model, inputs, targets = _tiny_problem()
+    exact = torch.linalg.eigvalsh(_dense_hessian(model, nn.CrossEntropyLoss(), inputs, targets))[-1].item()
+    for method in ("auto", "double_backward", "forward_over_reverse"):
+        with torch.no_grad():
+            estimate = SharpnessProbe(inputs, targets, hvp_method=method, tol=1e-8, max_iter=100).measure(
+                model, nn.CrossEntropyLoss())
+        assert estimate.lambda_max == pytest.approx(exact, rel=1e-6), method
+
+
+def test_foreign_parameter_is_rejected():
+    """A tensor that is not a trainable parameter of the model was dropped without a word."""
+    model, inputs, targets = _tiny_problem()
+    foreign = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="1 of the 2 tensors in params are not trainable parameters"):
+        top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, params=[model[0].weight, foreign])
+
+
+def test_spread_rejects_unknown_bn_mode():
+    """bn_mode="tran" used to run in eval mode without a word."""
+    model, inputs, targets = _tiny_problem()
+    with pytest.raises(ValueError, match="invalid bn_mode='tran'"):
+        sharpness_spread(model, nn.CrossEntropyLoss(), [(inputs, targets)], bn_mode="tran")
+
+
+def test_probe_rejects_a_fractional_seed():
+    model, inputs, targets = _tiny_problem()
+    with pytest.raises(ValueError, match="invalid seed=1.5"):
+        SharpnessProbe(inputs, targets, seed=1.5)
+
+
+def test_probe_without_a_loss_says_so():
+    """A ProbeSession built without loss_fn failed with "'NoneType' object is not callable"."""
+    from dynamics.session import ProbeSession
+
+    model, inputs, targets = _tiny_problem()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    session = ProbeSession(model, optimizer, [SharpnessProbe(inputs, targets)], run_id="run")
+    session.start_epoch(1)
+    with pytest.raises(ValueError, match="pass loss_fn= to ProbeSession"):
+        session.end_epoch()
