@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from reports.atomic import atomic_path  # noqa: E402
-from reports.tables import METHOD_ORDER, method_label  # noqa: E402
+from reports.tables import METHOD_ORDER, method_label, setting_columns, setting_label  # noqa: E402
 
 TEXT_WIDTH = 6.75  # inches, two-column paper
 COLUMN_WIDTH = 3.25
@@ -218,20 +218,37 @@ def accuracy_vs_delta_figure(runs: pd.DataFrame, by: str = "depth") -> plt.Figur
         depths = sorted(completed[by].unique())
         fig, axes = _panels(len(depths) or 1, sharey=True)
         palette = _palette([("sgd", None), ("adam", None), ("gclip", None)])
+        settings = setting_columns(completed)
+        groups = sorted(completed.groupby(settings).groups) if settings else [()]
+        # One δ-GClip line per optimizer and step size, each with the baselines run at that setting.
+        shades = dict(zip(groups, sns.color_palette("dark:0.6", n_colors=len(groups)) if len(groups) > 1 else ["0.15"]))
+        widths = dict(zip(groups, np.linspace(1.0, 2.2, len(groups))[::-1]))
         for ax, depth in zip(axes, depths):
             panel = completed[completed[by] == depth]
-            delta_runs = panel[panel["method"] == "dgclip"].sort_values("delta")
-            deltas, masked = log_mask(delta_runs["delta"])
-            if np.isfinite(deltas).any():
-                ax.plot(deltas, delta_runs["final_test_acc"], marker="o", markersize=3, color="0.15", label="δ-GClip", zorder=2)
+            masked, drawn = 0, False
+            for group in groups:
+                key = group if isinstance(group, tuple) else (group,)
+                runs_at = panel
+                for column, value in zip(settings, key):
+                    runs_at = runs_at[runs_at[column] == value]
+                suffix = f" ({setting_label(**dict(zip(settings, key)))})" if len(groups) > 1 else ""
+                delta_runs = runs_at[runs_at["method"] == "dgclip"].sort_values("delta")
+                deltas, masked_here = log_mask(delta_runs["delta"])
+                masked += masked_here
+                if np.isfinite(deltas).any():
+                    ax.plot(deltas, delta_runs["final_test_acc"], marker="o", markersize=3, color=shades[group],
+                            label="δ-GClip" + suffix, zorder=2)
+                    drawn = True
+                for method in ("gclip", "sgd", "adam"):
+                    baseline = runs_at[runs_at["method"] == method]
+                    if len(baseline):
+                        ax.axhline(baseline["final_test_acc"].iloc[0], color=palette[(method, None)],
+                                   linestyle=_linestyle(method), linewidth=widths[group],
+                                   label=method_label(method, None) + suffix, zorder=_zorder(method))
+            if drawn:
                 ax.set_xscale("log")
             else:
                 ax.text(0.5, 0.5, "no δ-GClip run with δ > 0", ha="center", va="center", transform=ax.transAxes, fontsize=6)
-            for method in ("gclip", "sgd", "adam"):
-                baseline = panel[panel["method"] == method]
-                if len(baseline):
-                    ax.axhline(baseline["final_test_acc"].iloc[0], color=palette[(method, None)], linestyle=_linestyle(method),
-                               label=method_label(method, None), zorder=_zorder(method))
             note_masked(ax, masked)
             ax.set_title(f"{by} {depth}")
             ax.set_xlabel("δ")

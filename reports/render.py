@@ -104,14 +104,22 @@ def read_frames(directory: Path, run_ids: list[str] | None = None) -> dict[str, 
     return frames
 
 
+def _star_lines(stars: pd.DataFrame, name: str) -> list[str] | str:
+    """Name the δ* line of each row: ``name``, followed by optimizer and η when the study has several."""
+    settings = tables.setting_columns(stars)
+    if stars.empty or len(stars.drop_duplicates(settings)) <= 1:
+        return name
+    return [f"{name}, {tables.setting_label(**dict(zip(settings, row)))}" for row in stars[settings].itertuples(index=False)]
+
+
 def _scaling_specs(frames: dict[str, pd.DataFrame], by: str) -> tuple[list, list]:
     """Tables and figures of a depth or width study; ``by`` names the scaled dimension."""
     runs = frames["runs"]
     stars = tables.delta_star_table(runs)
     table_specs = [
         ("delta_star", stars,
-         f"Optimal δ* per {by} (best final test accuracy, ties to lower test loss), with the GClip and SGD baselines "
-         "and the δ-active step fraction of the δ* run."),
+         f"Optimal δ* per {by}, optimizer and step size (best final test accuracy, ties to lower test loss), with "
+         "the GClip and SGD baselines at the same step size and the δ-active step fraction of the δ* run."),
         ("runs", tables.runs_table(runs),
          "Every run: final test accuracy and loss, train loss, last gradient norm, mean and early RUM, δ-active "
          "epochs and the mean δ-active step fraction."),
@@ -130,8 +138,9 @@ def _scaling_specs(frames: dict[str, pd.DataFrame], by: str) -> tuple[list, list
          "Every λ_max measurement against its threshold 2/h; points on the dashed line sit at the edge of stability."),
         ("accuracy_vs_delta", figures.accuracy_vs_delta_figure(runs, by=by),
          f"Final test accuracy against δ per {by}; GClip (dashed) and SGD (dotted) for reference."),
-        ("delta_star", delta_report.delta_star_scaling_figure(stars.assign(axis=by, study=by + " study"), (by,)),
-         f"δ* against {by}."),
+        ("delta_star", delta_report.delta_star_scaling_figure(stars.assign(axis=by, study=_star_lines(stars, by + " study")),
+                                                             (by,)),
+         f"δ* against {by}, one line per optimizer and step size."),
     ]
     return table_specs, figure_specs
 
@@ -264,7 +273,7 @@ def render_scaling(directories: list[str | Path], out: str | Path) -> Path:
         if kind not in ("depth", "width"):
             raise ReportError(f"invalid study {directory}: it contains a {kind} study, but δ* scaling needs depth or width studies")
         stars = tables.delta_star_table(runs)
-        parts.append(stars.assign(axis=kind, study=directory.name))
+        parts.append(stars.assign(axis=kind, study=_star_lines(stars, directory.name)))
     stars = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     out = Path(out)
     tables.write_table(stars, out / "tables", "delta_star_scaling",

@@ -2,8 +2,10 @@
 
 Conventions:
 
-- δ* is the δ of the δ-GClip run with the best final test accuracy at a given depth
-  and width; ties go to the lower final test loss. Only completed runs compete.
+- δ* is the δ of the δ-GClip run with the best final test accuracy at a given depth,
+  width, optimizer and step size η; ties go to the lower final test loss. Only
+  completed runs compete, and the baselines come from the same depth, width,
+  optimizer and η.
 - The sharpness table compares the last λ_max with 2/h, where h is the step size of
   the last optimizer step before the measurement.
 """
@@ -45,11 +47,26 @@ def sort_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return order.sort_values(["depth", "width", "_method", "_delta"]).drop(columns=["_method", "_delta"])
 
 
+def setting_columns(runs: pd.DataFrame) -> list[str]:
+    """Return the columns besides depth and width that δ* is chosen within: optimizer and step size."""
+    return [column for column in ("optimizer", "lr") if column in runs]
+
+
+def setting_label(optimizer: str | None = None, lr: float | None = None) -> str:
+    """Return a legend suffix such as ``SGD η=0.1`` for one optimizer and step size."""
+    name = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}.get(optimizer, optimizer or "")
+    return " ".join(part for part in (name, f"η={lr:g}" if lr is not None and pd.notna(lr) else "") if part)
+
+
 def delta_star_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Return one row per (depth, width): δ*, its test accuracy and loss, and the baselines."""
+    """Return one row per (depth, width, optimizer, η): δ*, its test accuracy and loss, and the baselines.
+
+    Runs at different step sizes are not compared: δ* depends on η, and so do the baselines.
+    """
     rows = []
     completed = runs[runs["status"] == "completed"]
-    for (depth, width), group in completed.groupby(["depth", "width"], sort=True):
+    settings = setting_columns(runs)
+    for key, group in completed.groupby(["depth", "width", *settings], sort=True):
         candidates = group[group["method"] == "dgclip"].sort_values(
             ["final_test_acc", "final_test_loss"], ascending=[False, True]
         )
@@ -57,8 +74,7 @@ def delta_star_table(runs: pd.DataFrame) -> pd.DataFrame:
             continue
         best = candidates.iloc[0]
         row = {
-            "depth": depth,
-            "width": width,
+            **dict(zip(["depth", "width", *settings], key)),
             "delta_star": best["delta"],
             "test_acc": best["final_test_acc"],
             "test_loss": best["final_test_loss"],
@@ -75,7 +91,8 @@ def delta_star_table(runs: pd.DataFrame) -> pd.DataFrame:
 def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Return every run with its final metrics, δ activity and RUM; δ* rows marked."""
     stars = delta_star_table(runs)
-    star_keys = set(zip(stars["depth"], stars["width"], stars["delta_star"])) if not stars.empty else set()
+    keys = ["depth", "width", *setting_columns(runs)]
+    star_keys = set(zip(*(stars[column] for column in [*keys, "delta_star"]))) if not stars.empty else set()
     table = sort_runs(runs)
     # An MLP's runs carry the ResNet defaults (depth 20, width 1) in the frame; its shape is in its model name.
     mlp = table["model"].astype(str).str.startswith("mlp") if "model" in table else pd.Series(False, index=table.index)
@@ -90,8 +107,8 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
             "method": [method_label(m, d) for m, d in zip(table["method"], table["delta"])],
             "delta": table["delta"],
             "delta_star": [
-                m == "dgclip" and (dp, w, d) in star_keys
-                for m, dp, w, d in zip(table["method"], table["depth"], table["width"], table["delta"])
+                method == "dgclip" and key in star_keys
+                for method, key in zip(table["method"], zip(*(table[column] for column in [*keys, "delta"])))
             ],
             "test_acc": table["final_test_acc"],
             "max_test_acc": table["max_test_acc"],

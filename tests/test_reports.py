@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from reports.figures import eos_deviation_figure, log_mask
+from reports.figures import accuracy_vs_delta_figure, eos_deviation_figure, log_mask
 from reports.tables import delta_star_table, runs_table, to_markdown
 
 
@@ -92,3 +92,24 @@ def test_atomic_writes_follow_the_umask(tmp_path):
         os.umask(previous)
     for name in ("study.json", "runs.parquet", "figure.png"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_delta_star_is_chosen_per_step_size():
+    """δ* was chosen across step sizes: at η = 0.3 δ = 0.2 won, and it was marked δ* at
+    η = 0.02 too, next to the GClip baseline of η = 0.02."""
+    runs = _runs([
+        ("a", 8, 1, "dgclip", 0.2, "completed", 0.767, 0.6),
+        ("b", 8, 1, "dgclip", 0.9, "completed", 0.925, 0.3),
+        ("c", 8, 1, "gclip", np.nan, "completed", 0.122, 2.3),
+        ("d", 8, 1, "dgclip", 0.2, "completed", 0.950, 0.2),
+        ("e", 8, 1, "dgclip", 0.9, "completed", 0.900, 0.3),
+        ("f", 8, 1, "gclip", np.nan, "completed", 0.922, 0.3),
+    ])
+    runs["optimizer"], runs["lr"] = "sgd", [0.02, 0.02, 0.02, 0.3, 0.3, 0.3]
+    stars = delta_star_table(runs)
+    assert stars[["lr", "delta_star", "gclip_test_acc"]].values.tolist() == [[0.02, 0.9, 0.122], [0.3, 0.2, 0.922]]
+    marked = runs_table(runs)
+    assert sorted(marked.loc[marked["delta_star"], "run_id"]) == ["b", "d"]
+    figure = accuracy_vs_delta_figure(runs)
+    labels = sorted(line.get_label() for line in figure.axes[0].get_lines())
+    assert labels == ["GClip (SGD η=0.02)", "GClip (SGD η=0.3)", "δ-GClip (SGD η=0.02)", "δ-GClip (SGD η=0.3)"]
