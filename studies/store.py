@@ -8,6 +8,7 @@ Layout::
       runs/RUN_ID/FRAME.parquet   runs, steps, epochs, sharpness, grad_hist
       runs/RUN_ID/status.json     written last; marks the run as finished
       frames/FRAME.parquet        every run's rows of FRAME, concatenated
+      replaced/RUN_ID-N/          a run trained with other settings, moved aside before its id was reused
       tables/, figures/, report.md (written by ``reports``)
 
 Every file is written to a temporary name and renamed into place, so a reader never
@@ -20,6 +21,7 @@ left out of ``frames/``.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -156,11 +158,29 @@ class RunStore:
         """
         directory = self.run_dir(run_id)
         checkpoint = directory / "checkpoint.pt"
-        if not self._has_config(run_id, config):
-            checkpoint.unlink(missing_ok=True)
+        if not self._has_config(run_id, config) and ((directory / "status.json").is_file() or checkpoint.is_file()):
+            self._set_aside(run_id)
         (directory / "status.json").unlink(missing_ok=True)
         atomic_write_json(directory / "config.json", config)
         return checkpoint
+
+    def _set_aside(self, run_id: str) -> None:
+        """Move a run directory trained with other settings to ``replaced/RUN_ID-N`` before its run id is trained again.
+
+        A run id leaves out settings such as the number of epochs, so after study.json
+        was deleted a new grid can reuse the id of a finished run; its results are kept.
+        """
+        target = self.root / "replaced" / run_id
+        for index in itertools.count(1):
+            target = self.root / "replaced" / f"{run_id}-{index}"
+            if not target.exists():
+                break
+        target.mkdir(parents=True)
+        for entry in self.run_dir(run_id).iterdir():
+            if entry.name != ".lock":  # the lock stays: this process may hold it while it trains the run
+                os.replace(entry, target / entry.name)
+        log.warning("run %s in %s was trained with other settings; it was moved to %s and is trained again with the "
+                    "current ones", run_id, self.root / "runs", target)
 
     def write_study(self, study: dict[str, Any]) -> None:
         atomic_write_json(self.root / "study.json", study)

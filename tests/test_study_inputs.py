@@ -251,3 +251,18 @@ def test_out_of_range_option_exits_2_before_writing(tmp_path, capsys, option, va
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_rerun_with_other_settings_keeps_the_finished_run(study_dir, caplog):
+    """After study.json was deleted, a study with 2 epochs trained the 3-epoch run under the
+    same run id again and overwrote its results without a word."""
+    caplog.set_level(logging.WARNING, logger="studies.store")
+    old = {path.name: path.read_bytes() for path in (study_dir / "runs" / LOW_LR_RUN).glob("*.json")}
+    (study_dir / "study.json").unlink()
+    assert main(["study", "sharpness", "--lr", "0.05", "--epochs", "2", "--no-progress", "-q", "--out",
+                 str(study_dir)]) == 0
+    kept = study_dir / "replaced" / f"{LOW_LR_RUN}-1"
+    assert {path.name: path.read_bytes() for path in kept.glob("*.json")} == old
+    assert (kept / "steps.parquet").is_file()
+    assert json.loads((study_dir / "runs" / LOW_LR_RUN / "config.json").read_text())["epochs"] == 2
+    assert "moved to" in caplog.text
