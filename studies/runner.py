@@ -181,6 +181,11 @@ def summarize_run(config: RunConfig, result: TrainResult, frames: dict[str, pd.D
                      else sharpness)
     row["final_threshold_momentum"] = momentum_rows["threshold"].iloc[0] if len(momentum_rows) else np.nan
     row["final_deviation_momentum"] = momentum_rows["deviation"].iloc[0] if len(momentum_rows) else np.nan
+    # Adam's criterion: the preconditioned sharpness against (2+2β1)/(h(1-β1)).
+    adam_rows = (sharpness[sharpness["preconditioned"].astype(bool)].tail(1)
+                 if "preconditioned" in sharpness and not sharpness.empty else sharpness.iloc[:0])
+    row["final_preconditioned_lambda_max"] = adam_rows["lambda_max"].iloc[0] if len(adam_rows) else np.nan
+    row["final_threshold_adam"] = adam_rows["threshold"].iloc[0] if len(adam_rows) else np.nan
     events = frames.get("probe_events", pd.DataFrame())
     row["sharpness_disabled_reason"] = events["reason"].iloc[0] if not events.empty else ""
     for column, source in (("final_lambda_max", "lambda_max"), ("final_effective_lr", "effective_lr"),
@@ -192,6 +197,16 @@ def summarize_run(config: RunConfig, result: TrainResult, frames: dict[str, pd.D
     row["torch_version"] = torch.__version__
     row["code_version"] = code_version()
     return row
+
+
+def _final_criterion(row: dict) -> str:
+    """Describe a run's last sharpness against the threshold its optimizer is stable below."""
+    if np.isfinite(row.get("final_threshold_adam", np.nan)):
+        return (f"final preconditioned λ_max {row['final_preconditioned_lambda_max']:.4g} vs (2+2β1)/(h(1-β1)) "
+                f"{row['final_threshold_adam']:.4g}")
+    if np.isfinite(row.get("final_threshold_momentum", np.nan)):
+        return f"final λ_max {row['final_lambda_max']:.4g} vs momentum threshold {row['final_threshold_momentum']:.4g}"
+    return f"final λ_max {row['final_lambda_max']:.4g} vs 2/h {row['final_threshold']:.4g}"
 
 
 def execute_run(config: RunConfig, dataset: ImageDataset, store: RunStore, progress: bool | None = None,
@@ -256,10 +271,7 @@ def run_study(
         except RunInUseError as error:
             log.warning("[%d/%d] %s", index, len(runs), error)
             continue
-        log.info(
-            "[%d/%d] %s %s: final test acc %.4f, final λ_max %.4g vs 2/h %.4g, %.1f s",
-            index, len(runs), config.run_id, row["status"], row["final_test_acc"],
-            row["final_lambda_max"], row["final_threshold"], row["wall_time"],
-        )
+        log.info("[%d/%d] %s %s: final test acc %.4f, %s, %.1f s", index, len(runs), config.run_id, row["status"],
+                 row["final_test_acc"], _final_criterion(row), row["wall_time"])
     store.collect({config.run_id: config.to_dict() for config in runs})
     return store

@@ -45,3 +45,17 @@ def test_sharpness_cli_sweeps_step_sizes(tmp_path):
     assert sorted(runs["lr"]) == [0.05, 0.1]
     assert set(runs["model"]) == {"mlp200x200"}
     assert set(runs["loss"]) == {"mse"}
+
+
+def test_run_log_names_each_run_criterion(tmp_path, caplog):
+    """The per-run log line compared λ_max with 2/h for every run: 40.5 against 25 under
+    momentum 0.9 (whose edge is 47.5), and Adam's raw λ_max against 2/h."""
+    caplog.set_level("INFO", logger="studies.runner")
+    assert main(["study", "sharpness", "--methods", "sgd,adam", "--lr", "0.05", "--momentum", "0.9", "--epochs", "3",
+                 "--no-progress", "-q", "--out", str(tmp_path / "out")]) == 0
+    runs = pd.read_parquet(tmp_path / "out" / "frames" / "runs.parquet").set_index("optimizer")
+    sgd, adam = runs.loc["sgd"], runs.loc["adam"]
+    assert f"vs momentum threshold {sgd['final_threshold_momentum']:.4g}" in caplog.text
+    assert sgd["final_threshold_momentum"] == pytest.approx(3.8 / 0.05)
+    assert f"final preconditioned λ_max {adam['final_preconditioned_lambda_max']:.4g}" in caplog.text
+    assert adam["final_threshold_adam"] == pytest.approx(38 / (adam["final_effective_lr"]))
