@@ -118,9 +118,11 @@ def sharpness_trajectory_figure(sharpness: pd.DataFrame, runs: pd.DataFrame) -> 
         colors = sns.color_palette("colorblind", 2)
         for ax in axes.flat[len(run_ids):]:
             ax.set_visible(False)
-        legend_ax = None
+        shown: set[tuple[str, str]] = set()  # each criterion's legend is drawn once, in its first panel
         for ax, (_, run) in zip(axes.flat, runs.iterrows()):
-            ax.set_title(f"{run_label(run)}, η = {run['lr']:.3g}")
+            momentum = run.get("momentum", 0.0)
+            uses_momentum = run.get("optimizer", "sgd") == "sgd" and pd.notna(momentum) and momentum > 0
+            ax.set_title(f"{run_label(run)}, η = {run['lr']:.3g}" + (f", β = {momentum:g}" if uses_momentum else ""))
             ax.set_xlabel("step")
             group = run_rows(criteria, run["run_id"])
             if group.empty:
@@ -129,8 +131,6 @@ def sharpness_trajectory_figure(sharpness: pd.DataFrame, runs: pd.DataFrame) -> 
                 ax.set_xticks([])
                 ax.set_yticks([])
                 continue
-            if legend_ax is None:
-                legend_ax = ax
             # A line needs two points, so a single measurement is drawn as a marker.
             marker = "o" if len(group) == 1 else None
             values, masked = log_mask(group["lambda_max"])
@@ -143,9 +143,11 @@ def sharpness_trajectory_figure(sharpness: pd.DataFrame, runs: pd.DataFrame) -> 
             ax.axvspan(final["step"].min(), final["step"].max(), color="0.9", zorder=0, label="final phase")
             note_masked(ax, masked)
             ax.grid(alpha=0.3, linewidth=0.5)
+            criterion = (label, group["threshold_kind"].iloc[0])
+            if criterion not in shown:
+                shown.add(criterion)
+                ax.legend(frameon=False, fontsize=6, loc="lower right")
         axes.flat[0].set_ylabel("sharpness")
-        if legend_ax is not None:
-            legend_ax.legend(frameon=False, fontsize=6, loc="lower right")
         if not run_ids:
             axes.flat[0].text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.flat[0].transAxes)
         fig.tight_layout()

@@ -240,3 +240,23 @@ def test_latex_text_keeps_digits_between_escapes():
     the third replacement and came out as "13$\\lambda$13"."""
     assert latex_text("threshold_2_over_h") == r"threshold\_2\_over\_h"
     assert latex_text("a_13_b") == r"a\_13\_b"
+
+
+def test_trajectory_legend_for_each_criterion():
+    """A study of Adam and momentum SGD runs drew one legend, Adam's, in the first panel;
+    the SGD panels' dashed line was (2+2β)/h without a legend, and their titles gave no β."""
+    runs = pd.DataFrame({"run_id": ["adam", "sgd"], "optimizer": ["adam", "sgd"], "method": ["sgd", "sgd"],
+                         "delta": [float("nan")] * 2, "lr": [0.001, 0.05], "momentum": [0.0, 0.9],
+                         "status": ["completed"] * 2})
+    rows = []
+    for step in (1, 2, 3):
+        rows.append({"run_id": "adam", "step": step, "lambda_max": 5e3, "threshold": 3.8e4, "preconditioned": True,
+                     "threshold_kind": "(2+2β1)/(h(1-β1))"})
+        rows.append({"run_id": "sgd", "step": step, "lambda_max": 40.0, "threshold": 76.0, "preconditioned": False,
+                     "threshold_kind": "(2+2β)/h"})
+    figure = sharpness_trajectory_figure(pd.DataFrame(rows), runs)
+    legends = [[text.get_text() for text in ax.get_legend().get_texts()] if ax.get_legend() else None
+               for ax in figure.axes[:2]]
+    assert legends == [[r"preconditioned $\lambda_{\max}$", "(2+2β1)/(h(1-β1))", "final phase"],
+                       [r"$\lambda_{\max}$", "(2+2β)/h", "final phase"]]
+    assert figure.axes[1].get_title().endswith("β = 0.9")
