@@ -208,7 +208,9 @@ class StudyConfig:
         ids = [run.run_id for run in runs]
         if len(set(ids)) != len(ids):
             repeated = sorted({i for i in ids if ids.count(i) > 1})
-            raise ValueError(f"invalid study grid: runs {repeated} appear twice; remove the repeated method or optimizer")
+            raise ValueError(f"invalid study grid: runs {repeated} appear twice; remove the repeated method or "
+                             "optimizer, or step sizes or δ values that agree to 6 significant digits (run ids "
+                             "write them that way)")
         return runs
 
     def to_dict(self) -> dict[str, Any]:

@@ -266,3 +266,11 @@ def test_rerun_with_other_settings_keeps_the_finished_run(study_dir, caplog):
     assert (kept / "steps.parquet").is_file()
     assert json.loads((study_dir / "runs" / LOW_LR_RUN / "config.json").read_text())["epochs"] == 2
     assert "moved to" in caplog.text
+
+
+def test_step_sizes_equal_in_run_ids_are_named(tmp_path, capsys):
+    """Two step sizes that run ids write alike were reported as "the repeated method or optimizer"."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", "sharpness", "--lr", "0.1,0.1000001", *FAST, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "agree to 6 significant digits" in capsys.readouterr().err
