@@ -18,7 +18,10 @@ def preserved_model_state(model: nn.Module) -> Iterator[None]:
     inside it leaves the training run as it found it.
     """
     modes = {module: module.training for module in model.modules()}
-    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    # The buffer objects themselves, per module: a forward that assigns a new tensor to a
+    # buffer (self.count = self.count + 1) replaces the entry instead of writing into it.
+    buffers = [(module, name, buffer, buffer.detach().clone())
+               for module in model.modules() for name, buffer in module._buffers.items() if buffer is not None]
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
@@ -27,7 +30,8 @@ def preserved_model_state(model: nn.Module) -> Iterator[None]:
         for module, training in modes.items():
             module.training = training
         with torch.no_grad():
-            for buffer, saved in buffers:
+            for module, name, buffer, saved in buffers:
+                module._buffers[name] = buffer
                 buffer.copy_(saved)
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:

@@ -426,3 +426,29 @@ def test_probe_without_a_loss_says_so():
     session.start_epoch(1)
     with pytest.raises(ValueError, match="pass loss_fn= to ProbeSession"):
         session.end_epoch()
+
+
+class CountingMLP(nn.Module):
+    """Counts the inputs it has seen in train mode in a buffer that forward replaces."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+        self.register_buffer("seen", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        if self.training:
+            self.seen = self.seen + len(x)  # a new tensor, not an in-place write
+        return self.body(x)
+
+
+@pytest.mark.parametrize("method", ["auto", "double_backward", "forward_over_reverse"])
+def test_probe_restores_a_buffer_that_forward_replaces(method):
+    """Buffers were restored by copying the saved values into the old tensors, so a buffer
+    that forward had replaced kept the probe's count (16 after one solve)."""
+    _, inputs, targets = _tiny_problem()
+    model = CountingMLP()
+    original = model.seen
+    SharpnessProbe(inputs, targets, hvp_method=method).measure(model, nn.CrossEntropyLoss())
+    assert model.seen is original
+    assert model.seen.item() == 0.0
