@@ -23,6 +23,7 @@ Conventions a reader could get wrong:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import numbers
@@ -637,6 +638,7 @@ def lanczos(
     device: torch.device | str = "cpu",
     callback: Callable[[int, float, float, float], None] | None = None,
     floor: float | None = None,
+    breakdown: float | None = None,
 ) -> EigenEstimate:
     """Estimate the k largest algebraic eigenvalues of a symmetric operator by Lanczos.
 
@@ -652,7 +654,11 @@ def lanczos(
     with eigenvalue α, ends the solve as converged: almost surely H is then α·I on the
     space that vector was drawn from, so α is counted once for each dimension of it (a
     zero Hessian takes one or two products). Invariance is declared at
-    β ≤ 1e-10·max|θ|, so eigenvalues are resolved only to about 1e-10·‖H‖.
+    β ≤ ``breakdown``·max|θ|, so eigenvalues are resolved only to about
+    ``breakdown``·‖H‖. Products computed in float32 carry rounding errors near
+    1e-7·‖H‖, so β never falls to float64's 1e-10, and repeated eigenvalues would be
+    missed without it being noticed. By default ``breakdown`` follows the precision of
+    ``operator.params`` (:func:`product_breakdown`), or is 1e-10 for an operator without them.
     ``start`` (for example the previous estimate's eigenvector) seeds the Krylov
     space; without it a Gaussian vector is drawn from ``generator``. ``callback(j, θ, refined, r)``
     receives, after the j-th product, the top Ritz value, its refined value and its
@@ -665,6 +671,9 @@ def lanczos(
     check_count("max_iter", max_iter, "Hessian-vector products at most")
     check_count("k", k, "eigenvalues wanted")
     check_tol(tol)
+    if breakdown is None:
+        params = getattr(operator, "params", None)
+        breakdown = product_breakdown(params) if params else 1e-10
     q = _unit_start(start, dim, generator, device, "Lanczos")
     steps = min(max_iter, dim)
     # Rows grow by doubling: a solve usually stops far below max_iter, and a full
@@ -699,7 +708,7 @@ def lanczos(
         if callback is not None:
             callback(j + 1, values[-1].item(), refined, residuals[-1].item())
         scale = values[-top:].abs().clamp_min(torch.finfo(torch.float64).tiny)
-        invariant = beta <= 1e-10 * max(values.abs().max().item(), 1e-300)
+        invariant = beta <= breakdown * max(values.abs().max().item(), 1e-300)
         if j + 1 == dim:  # the whole space: the values are exact
             converged = True
             break
@@ -756,9 +765,19 @@ def lanczos(
 
 def lanczos_top_eigen(operator: Operator, dim: int, max_iter: int = 50, tol: float = 1e-3,
                       start: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                      device: torch.device | str = "cpu") -> EigenEstimate:
+                      device: torch.device | str = "cpu", breakdown: float | None = None) -> EigenEstimate:
     """Estimate the largest algebraic eigenvalue by Lanczos (:func:`lanczos` with k = 1)."""
-    return lanczos(operator, dim, 1, max_iter, tol, start, generator, device)
+    return lanczos(operator, dim, 1, max_iter, tol, start, generator, device, breakdown=breakdown)
+
+
+def product_breakdown(params: Sequence[torch.Tensor]) -> float:
+    """Return the relative β at which Lanczos should call its Krylov space invariant, for products in these dtypes.
+
+    100 machine epsilons of the least precise parameter dtype (1.2e-5 for float32), at
+    least 1e-10 and at most 1e-3.
+    """
+    epsilon = max(torch.finfo(p.dtype).eps for p in params)
+    return min(max(1e-10, 100 * epsilon), 1e-3)
 
 
 def _power(operator: Operator, start: torch.Tensor, shift: float, max_iter: int, tol: float) -> tuple[float, torch.Tensor, int, float, bool, float]:
@@ -907,7 +926,8 @@ def top_eigenvalue(
                              f"{diagonal.min().item() if diagonal.numel() else math.nan:.3g}")
         scale = diagonal.to(device=device, dtype=torch.float64).rsqrt()
         apply = lambda v: scale * operator(scale * v)  # noqa: E731
-    solve = lanczos_top_eigen if estimator == "lanczos" else power_iteration
+    solve = (functools.partial(lanczos_top_eigen, breakdown=product_breakdown(operator.params))
+             if estimator == "lanczos" else power_iteration)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     try:
         with solve_mode(model) as record:

@@ -668,3 +668,17 @@ def test_probe_warm_start_finds_a_new_sharp_direction():
     assert probe.last_start == "previous"
     assert second.lambda_max > first.lambda_max * 2
     assert second.lambda_max == pytest.approx(exact, rel=1e-6)
+
+
+def test_lanczos_float32_products_find_repeated_eigenvalues():
+    """Least squares with a 3-output linear layer repeats each eigenvalue three times. With
+    float32 products β never fell below the float64 invariance level of 1e-10·‖H‖, so the
+    solve reported four distinct values as converged instead of the triple top value."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3, bias=False)
+    inputs, targets = torch.randn(40, 5), torch.randn(40, 3)
+    operator = HessianOperator(model, _squared_error, inputs, targets)
+    estimate = lanczos(operator, operator.dim, k=4, tol=1e-6, max_iter=15, generator=torch.Generator().manual_seed(1))
+    exact = torch.linalg.eigvalsh(_dense_hessian(model, _squared_error, inputs, targets).double()).flip(0)[:4]
+    assert estimate.converged
+    assert estimate.eigenvalues == pytest.approx(exact.tolist(), rel=1e-5)
