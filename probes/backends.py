@@ -11,7 +11,6 @@ it unconverged and logs a warning.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from typing import Callable
 
@@ -34,8 +33,11 @@ def pyhessian_top_eigenvalue(
 ) -> EigenEstimate:
     """Return pyhessian's top eigenvalue (BatchNorm in eval mode, as pyhessian does).
 
-    ``residual`` is NaN (pyhessian does not report one); ``converged`` means the
-    power iteration stopped before ``max_iter`` products. pyhessian's power iteration
+    pyhessian stops when the value changes by less than ``tol`` between iterations,
+    which can happen well before it is within ``tol`` of λ_max when λ1/λ2 is near 1.
+    So one more product on its vector gives ``residual`` = ‖Hv − θv‖, and ``converged``
+    follows the same rule as :func:`probes.hessian.lanczos`: residual ≤ ``tol``·|θ|.
+    ``hvp_count`` includes that product. pyhessian's power iteration
     finds the eigenvalue of largest magnitude, which is λ_max only when it is positive.
     A negative value is returned as it is, with ``converged=False`` and a logged warning.
     """
@@ -69,17 +71,21 @@ def pyhessian_top_eigenvalue(
                 warnings.simplefilter("ignore", DeprecationWarning)
                 engine = pyhessian.hessian(model, loss_fn, data=(inputs, targets), cuda=inputs.is_cuda)
                 values, vectors = engine.eigenvalues(maxIter=max_iter, tol=tol, top_n=1)
+                # One more product gives the residual, which pyhessian's relative-change rule never checks.
+                product = counting_product(engine.gradsH, engine.params, vectors[0])
         finally:
             pyhessian_hessian.hessian_vector_product = original_product
             for p, grad in zip(params, saved_grads):
                 p.grad = grad
     vector = torch.cat([v.reshape(-1) for v in vectors[0]]).to(torch.float64)
     value = float(values[0])
-    converged = count < max_iter
+    hv = torch.cat([p.reshape(-1) for p in product]).to(torch.float64)
+    residual = (hv - value * vector).norm().item()
+    converged = residual <= tol * abs(value)
     if value < 0:
         log.warning(
             "pyhessian returned %.6g, the eigenvalue of largest magnitude, which is not λ_max when negative; "
             "marked converged=False. Use backend='ours' for λ_max", value,
         )
         converged = False
-    return EigenEstimate(value, vector, count, math.nan, converged, method="pyhessian/power")
+    return EigenEstimate(value, vector, count, residual, converged, method="pyhessian/power")
