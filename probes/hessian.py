@@ -178,6 +178,13 @@ class HessianOperator:
             (inputs[start : start + chunk_size], targets[start : start + chunk_size])
             for start in range(0, len(targets), chunk_size)
         ]
+        batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+        if batch_norm and len(self.chunks[-1][1]) == 1:
+            raise ValueError(
+                f"the last chunk of the sharpness batch holds 1 input (batch of {len(targets)}, chunk_size "
+                f"{chunk_size}), but BatchNorm in train mode needs at least 2 to compute batch statistics; pick a "
+                "chunk_size that leaves at least 2 inputs in every chunk, or evaluate BatchNorm in eval mode"
+            )
         self.method = method
         self.fallback_reason = ""
         self.products = 0
@@ -190,6 +197,11 @@ class HessianOperator:
         self.random_draws = False  # whether a forward pass drew random numbers (see _fixed_randomness)
         self._devices = sorted({p.device.index if p.device.index is not None else torch.cuda.current_device()
                                 for p in self.params if p.device.type == "cuda"})
+        # Buffers as the solve found them, put back before each chunk's forward pass: a forward
+        # in train mode may update a buffer that its output reads (the power-iteration vector
+        # of nn.utils.spectral_norm), and every product must see the same function.
+        self._saved_buffers = [(module, name, buffer, buffer.detach().clone()) for module in model.modules()
+                               for name, buffer in module._buffers.items() if buffer is not None]
 
     @contextmanager
     def _fixed_randomness(self, chunk: int) -> Iterator[None]:
@@ -229,6 +241,7 @@ class HessianOperator:
     def _chunk_grads(self, chunk: int, create_graph: bool = True) -> tuple[torch.Tensor, ...]:
         """Return the gradient of the weighted loss of one chunk (zeros for parameters it does not reach)."""
         inputs, targets = self.chunks[chunk]
+        self._restore_buffers()
         with self._fixed_randomness(chunk):
             loss = self.loss_fn(self.model(inputs), targets) * (len(targets) / self.batch_size)
         return torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True,
@@ -402,10 +415,18 @@ class HessianOperator:
             total = part if total is None else total + part
         return total
 
+    def _restore_buffers(self) -> None:
+        """Put back the buffer objects and values the operator found when it was built."""
+        with torch.no_grad():
+            for module, name, buffer, saved in self._saved_buffers:
+                module._buffers[name] = buffer
+                buffer.copy_(saved)
+
     def release(self) -> None:
-        """Drop the cached gradient graph and the bound values of the split product."""
+        """Drop the cached gradient graph and the bound values of the split product, and restore the buffers."""
         self._grads = None
         self._split_product, self._bound, self._split_gradient = None, (), None
+        self._restore_buffers()
 
 
 def has_delayed_error(roots: Sequence[torch.Tensor]) -> bool:

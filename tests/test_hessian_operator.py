@@ -271,3 +271,32 @@ def test_numpy_and_python_draws_are_fixed_and_restored():
 def test_tol_accepts_numpy_floats():
     check_tol(np.float32(1e-3))
     check_tol(np.float64(1e-3))
+
+
+def test_chunked_products_see_the_same_spectral_norm():
+    """nn.utils.spectral_norm advances its power-iteration vector at every train-mode forward.
+    Chunked products re-ran the forward, so each product saw another function: λ_max with
+    chunks of 8 differed from the single-batch value, both reported as converged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 8)), nn.Tanh(), nn.Linear(8, 3)).double().train()
+    inputs, targets = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    values = []
+    for chunk_size in (None, 8):
+        estimate = top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, chunk_size=chunk_size,
+                                  hvp_method="double_backward", tol=1e-8, max_iter=100)
+        assert all(torch.equal(saved[name], buffer) for name, buffer in model.named_buffers())  # left as found
+        values.append(estimate.lambda_max)
+    assert values[1] == pytest.approx(values[0], rel=1e-10)
+
+
+def test_one_input_chunk_with_train_mode_batchnorm_is_named():
+    """A chunk_size leaving one input in the last chunk ended the run at its first solve with
+    torch's "Expected more than 1 value per channel", which does not mention chunk_size."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).train()
+    inputs, targets = torch.randn(17, 4), torch.randint(0, 3, (17,))
+    with pytest.raises(ValueError, match=r"last chunk of the sharpness batch holds 1 input \(batch of 17, chunk_size 8\)"):
+        top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, chunk_size=8)
+    model.eval()
+    assert top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, chunk_size=8).converged
