@@ -882,11 +882,12 @@ START_NOISE = 0.1
 def mixed_start(start: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Return the unit ``start`` plus ``START_NOISE`` times a unit Gaussian vector from ``generator``.
 
-    A start orthogonal to the top eigenvector (the loss gradient of a bias at its optimum,
-    or the previous eigenvector after a new direction sharpened) keeps the Krylov space
-    orthogonal to it too, and the solve then converges to a smaller eigenvalue with a small
-    residual. The Gaussian part gives every eigenvector a non-zero weight; at 0.1 it lowers
-    the start's cosine with a well-aligned top eigenvector by only about 0.5%.
+    A start orthogonal to the top eigenvector keeps the whole Krylov space orthogonal to
+    it. Examples are the loss gradient of a bias at its optimum, or the previous
+    eigenvector after a new direction sharpened. The solve then converges to a smaller
+    eigenvalue with a small residual. The Gaussian part gives every eigenvector a non-zero
+    weight; at 0.1 it lowers the start's cosine with a well-aligned top eigenvector by
+    only about 0.5%.
     """
     start = start.to(torch.float64)
     noise = _random_start(start.numel(), generator, start.device)

@@ -344,8 +344,8 @@ class SharpnessProbe(Callback):
     def _momentum(self, optimizer: torch.optim.Optimizer, run_id: str) -> dict:
         """Return the momentum settings for :func:`stability_thresholds`, read from ``optimizer`` where it has them.
 
-        ``torch.optim.SGD`` gives β, ``nesterov`` and ``dampening`` of its first group, and
-        the constructor's ``momentum`` only serves optimizers that do not say. Adam's
+        ``torch.optim.SGD`` gives β, ``nesterov`` and ``dampening`` of its first group. The
+        constructor's ``momentum`` serves only optimizers without these settings. Adam's
         threshold is the preconditioned row's; other optimizers get 2/h with a warning
         that it is not their criterion.
         """

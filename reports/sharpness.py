@@ -118,7 +118,7 @@ def sharpness_trajectory_figure(sharpness: pd.DataFrame, runs: pd.DataFrame) -> 
         colors = sns.color_palette("colorblind", 2)
         for ax in axes.flat[len(run_ids):]:
             ax.set_visible(False)
-        shown: set[tuple[str, str]] = set()  # each criterion's legend is drawn once, in its first panel
+        legend_drawn: set[tuple[str, str]] = set()  # each criterion's legend is drawn once, in its first panel
         for ax, (_, run) in zip(axes.flat, runs.iterrows()):
             momentum = run.get("momentum", 0.0)
             uses_momentum = run.get("optimizer", "sgd") == "sgd" and pd.notna(momentum) and momentum > 0
@@ -144,8 +144,8 @@ def sharpness_trajectory_figure(sharpness: pd.DataFrame, runs: pd.DataFrame) -> 
             note_masked(ax, masked)
             ax.grid(alpha=0.3, linewidth=0.5)
             criterion = (label, group["threshold_kind"].iloc[0])
-            if criterion not in shown:
-                shown.add(criterion)
+            if criterion not in legend_drawn:
+                legend_drawn.add(criterion)
                 ax.legend(frameon=False, fontsize=6, loc="lower right")
         axes.flat[0].set_ylabel("sharpness")
         if not run_ids:

@@ -167,8 +167,9 @@ class RunStore:
     def _set_aside(self, run_id: str) -> None:
         """Move a run directory trained with other settings to ``replaced/RUN_ID-N`` before its run id is trained again.
 
-        A run id leaves out settings such as the number of epochs, so after study.json
-        was deleted a new grid can reuse the id of a finished run; its results are kept.
+        A run id leaves out settings such as the number of epochs. After study.json was
+        deleted, a new grid can therefore reuse the id of a finished run, whose results
+        are kept this way.
         """
         target = self.root / "replaced" / run_id
         for index in itertools.count(1):

@@ -290,7 +290,7 @@ def test_chunked_products_see_the_same_spectral_norm():
     assert values[1] == pytest.approx(values[0], rel=1e-10)
 
 
-def test_one_input_chunk_with_train_mode_batchnorm_is_named():
+def test_batchnorm_one_input_chunk_rejected():
     """A chunk_size leaving one input in the last chunk ended the run at its first solve with
     torch's "Expected more than 1 value per channel", which does not mention chunk_size."""
     torch.manual_seed(0)

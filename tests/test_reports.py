@@ -62,7 +62,7 @@ def test_reports_never_import_torch():
     assert result.stdout.strip() == "False"
 
 
-def test_runs_table_leaves_depth_and_width_blank_for_an_mlp():
+def test_runs_table_blanks_mlp_depth():
     """The frame keeps the ResNet defaults for an MLP's runs; the table showed them as its
     depth 20 and width 1."""
     runs = _runs([("mlp-a", 20, 1, "sgd", np.nan, "completed", 0.97, 0.07),
@@ -70,7 +70,8 @@ def test_runs_table_leaves_depth_and_width_blank_for_an_mlp():
     runs["model"] = ["mlp200x200", "resnet"]
     table = runs_table(runs).set_index("run_id")
     assert table.loc["mlp-a", "model"] == "mlp200x200"
-    assert pd.isna(table.loc["mlp-a", "depth"]) and pd.isna(table.loc["mlp-a", "width"])
+    assert pd.isna(table.loc["mlp-a", "depth"])
+    assert pd.isna(table.loc["mlp-a", "width"])
     assert (table.loc["resnet-b", "depth"], table.loc["resnet-b", "width"]) == (8, 2)
     assert "–" in to_markdown(runs_table(runs))
 

@@ -611,7 +611,7 @@ def test_lanczos_identity_block_after_an_eigenvector_start():
 
 def _bias_at_optimum():
     """Least squares whose bias sits at its optimum: the gradient has no bias component,
-    and the bias direction holds the top eigenvalue 2 of the Hessian."""
+    and the bias direction is the top eigenvector of the Hessian, with eigenvalue 2."""
     torch.manual_seed(0)
     inputs = torch.randn(200, 60, dtype=torch.float64) * torch.logspace(0, -1.5, 60, dtype=torch.float64) * 0.6
     inputs -= inputs.mean(0)

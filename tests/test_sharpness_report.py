@@ -243,8 +243,8 @@ def test_latex_text_keeps_digits_between_escapes():
 
 
 def test_trajectory_legend_for_each_criterion():
-    """A study of Adam and momentum SGD runs drew one legend, Adam's, in the first panel;
-    the SGD panels' dashed line was (2+2β)/h without a legend, and their titles gave no β."""
+    """A study of Adam and momentum SGD runs drew one legend, Adam's, in the first panel.
+    The SGD panels' dashed line was (2+2β)/h without a legend, and their titles gave no β."""
     runs = pd.DataFrame({"run_id": ["adam", "sgd"], "optimizer": ["adam", "sgd"], "method": ["sgd", "sgd"],
                          "delta": [float("nan")] * 2, "lr": [0.001, 0.05], "momentum": [0.0, 0.9],
                          "status": ["completed"] * 2})

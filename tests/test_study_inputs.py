@@ -261,9 +261,9 @@ def test_rerun_with_other_settings_keeps_the_finished_run(study_dir, caplog):
     (study_dir / "study.json").unlink()
     assert main(["study", "sharpness", "--lr", "0.05", "--epochs", "2", "--no-progress", "-q", "--out",
                  str(study_dir)]) == 0
-    kept = study_dir / "replaced" / f"{LOW_LR_RUN}-1"
-    assert {path.name: path.read_bytes() for path in kept.glob("*.json")} == old
-    assert (kept / "steps.parquet").is_file()
+    moved_run = study_dir / "replaced" / f"{LOW_LR_RUN}-1"
+    assert {path.name: path.read_bytes() for path in moved_run.glob("*.json")} == old
+    assert (moved_run / "steps.parquet").is_file()
     assert json.loads((study_dir / "runs" / LOW_LR_RUN / "config.json").read_text())["epochs"] == 2
     assert "moved to" in caplog.text
 

@@ -68,7 +68,7 @@ def test_probe_reads_momentum_from_the_optimizer(caplog):
     assert "differs from the optimizer's β=0.9" in caplog.text
 
 
-def test_probe_warns_for_an_optimizer_without_a_known_threshold(caplog):
+def test_probe_warns_for_unknown_optimizer(caplog):
     rows = _train_with_probe(torch.optim.RMSprop, caplog)
     assert set(rows) == {"2/h"}
     assert "knows no stability threshold for RMSprop" in caplog.text
