@@ -178,13 +178,6 @@ class HessianOperator:
             (inputs[start : start + chunk_size], targets[start : start + chunk_size])
             for start in range(0, len(targets), chunk_size)
         ]
-        batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
-        if batch_norm and len(self.chunks[-1][1]) == 1:
-            raise ValueError(
-                f"the last chunk of the sharpness batch holds 1 input (batch of {len(targets)}, chunk_size "
-                f"{chunk_size}), but BatchNorm in train mode needs at least 2 to compute batch statistics; pick a "
-                "chunk_size that leaves at least 2 inputs in every chunk, or evaluate BatchNorm in eval mode"
-            )
         self.method = method
         self.fallback_reason = ""
         self.products = 0
@@ -960,11 +953,22 @@ def top_eigenvalue(
                 norm = gradient.norm()
                 if torch.isfinite(norm) and norm > 0:
                     start = gradient
-            # A start of the wrong size or norm goes to the solver unmixed, whose error names it.
-            if start is not None and start.numel() == operator.dim and bool(torch.isfinite(start).all()) \
-                    and start.norm() > 0:
-                start = mixed_start(start.to(device), generator)
+            if start is not None:
+                flat = start.detach().reshape(-1).to(device=device, dtype=torch.float64)
+                norm = flat.norm()
+                # A start of the wrong size or norm goes to the solver unmixed, whose error names it.
+                start = mixed_start(flat, generator) if len(flat) == operator.dim and torch.isfinite(norm) \
+                    and norm > 0 else flat
             estimate = solve(apply, operator.dim, max_iter, tol, start, generator, device)
+    except ValueError as error:
+        if "Expected more than 1 value per channel" not in str(error):
+            raise
+        sizes = sorted({len(chunk_targets) for _, chunk_targets in operator.chunks})
+        raise ValueError(
+            f"BatchNorm in train mode received one value per channel ({error}). The sharpness batch of "
+            f"{len(targets)} inputs is cut into chunks of {sizes} inputs; pick a chunk_size that leaves at least 2 "
+            "inputs in every chunk, or evaluate BatchNorm in eval mode"
+        ) from error
     finally:
         operator.release()
     estimate.method = f"{estimate.method}/{operator.method}"

@@ -107,7 +107,7 @@ def read_frames(directory: Path, run_ids: list[str] | None = None) -> dict[str, 
 def _star_lines(stars: pd.DataFrame, name: str) -> list[str] | str:
     """Name the δ* line of each row: ``name``, followed by optimizer and η when the study has several."""
     settings = tables.setting_columns(stars)
-    if stars.empty or len(stars.drop_duplicates(settings)) <= 1:
+    if stars.empty or not settings or len(stars.drop_duplicates(settings)) <= 1:
         return name
     return [f"{name}, {tables.setting_label(**dict(zip(settings, row)))}" for row in stars[settings].itertuples(index=False)]
 

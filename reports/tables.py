@@ -48,12 +48,16 @@ def sort_runs(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def setting_columns(runs: pd.DataFrame) -> list[str]:
-    """Return the columns besides depth and width that δ* is chosen within: optimizer and step size."""
-    return [column for column in ("optimizer", "lr") if column in runs]
+    """Return the columns besides depth and width that δ* is chosen within: optimizer and step size.
+
+    A column with a missing value is left out, since grouping would drop those runs.
+    """
+    return [column for column in ("optimizer", "lr") if column in runs and runs[column].notna().all()]
 
 
 def setting_label(optimizer: str | None = None, lr: float | None = None) -> str:
     """Return a legend suffix such as ``SGD η=0.1`` for one optimizer and step size."""
+    optimizer = optimizer if isinstance(optimizer, str) else None
     name = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}.get(optimizer, optimizer or "")
     return " ".join(part for part in (name, f"η={lr:g}" if lr is not None and pd.notna(lr) else "") if part)
 

@@ -292,11 +292,16 @@ def test_chunked_products_see_the_same_spectral_norm():
 
 def test_batchnorm_one_input_chunk_rejected():
     """A chunk_size leaving one input in the last chunk ended the run at its first solve with
-    torch's "Expected more than 1 value per channel", which does not mention chunk_size."""
+    torch's "Expected more than 1 value per channel", which does not mention chunk_size. A
+    convolutional BatchNorm with one input of several pixels has enough values and runs."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).train()
     inputs, targets = torch.randn(17, 4), torch.randint(0, 3, (17,))
-    with pytest.raises(ValueError, match=r"last chunk of the sharpness batch holds 1 input \(batch of 17, chunk_size 8\)"):
-        top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, chunk_size=8)
+    for method in ("auto", "double_backward", "forward_over_reverse"):
+        with pytest.raises(ValueError, match=r"batch of 17 inputs is cut into chunks of \[1, 8\] inputs"):
+            top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, chunk_size=8, hvp_method=method)
     model.eval()
     assert top_eigenvalue(model, nn.CrossEntropyLoss(), inputs, targets, chunk_size=8).converged
+    convolutional = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(32, 3))
+    images, labels = torch.randn(3, 1, 4, 4), torch.randint(0, 3, (3,))
+    assert top_eigenvalue(convolutional.train(), nn.CrossEntropyLoss(), images, labels, chunk_size=2).converged

@@ -114,3 +114,17 @@ def test_delta_star_is_chosen_per_step_size():
     figure = accuracy_vs_delta_figure(runs)
     labels = sorted(line.get_label() for line in figure.axes[0].get_lines())
     assert labels == ["GClip (SGD η=0.02)", "GClip (SGD η=0.3)", "δ-GClip (SGD η=0.02)", "δ-GClip (SGD η=0.3)"]
+
+
+def test_delta_star_with_missing_step_size():
+    """Grouping by a step size that is NaN dropped every run: an empty δ* table, and a figure
+    saying there was no δ-GClip run. Without optimizer and lr columns the δ* line names crashed."""
+    from reports.render import _star_lines
+
+    runs = _runs([("a", 8, 1, "dgclip", 0.1, "completed", 0.90, 0.3),
+                  ("b", 8, 1, "gclip", np.nan, "completed", 0.85, 0.35)])
+    runs["optimizer"], runs["lr"] = "sgd", np.nan
+    assert delta_star_table(runs)[["delta_star", "gclip_test_acc"]].values.tolist() == [[0.1, 0.85]]
+    labels = [line.get_label() for line in accuracy_vs_delta_figure(runs).axes[0].get_lines()]
+    assert labels == ["δ-GClip", "GClip"]
+    assert _star_lines(delta_star_table(runs.drop(columns=["optimizer", "lr"])), "depth study") == "depth study"

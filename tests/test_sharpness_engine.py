@@ -682,3 +682,17 @@ def test_lanczos_float32_products_find_repeated_eigenvalues():
     exact = torch.linalg.eigvalsh(_dense_hessian(model, _squared_error, inputs, targets).double()).flip(0)[:4]
     assert estimate.converged
     assert estimate.eigenvalues == pytest.approx(exact.tolist(), rel=1e-5)
+
+
+def test_start_shapes_and_dtypes_before_mixing():
+    """The Gaussian mixing broadcast a (dim, 1) start to (dim, dim), failed on an integer
+    start, and replaced a start whose norm overflows with pure noise instead of rejecting it."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    inputs, targets = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)
+    exact = torch.linalg.eigvalsh(_dense_hessian(model, _squared_error, inputs, targets))[-1].item()
+    for start in (torch.ones(4, 1), torch.ones(4, dtype=torch.int64)):
+        estimate = top_eigenvalue(model, _squared_error, inputs, targets, start=start, tol=1e-8)
+        assert estimate.lambda_max == pytest.approx(exact, rel=1e-8)
+    with pytest.raises(ValueError, match="must be finite and non-zero, not of norm inf"):
+        top_eigenvalue(model, _squared_error, inputs, targets, start=torch.full((4,), 1e200, dtype=torch.float64))
