@@ -40,6 +40,7 @@ from torch import nn
 
 from dynamics.distributed import all_reduce_sum, sum_over_ranks
 from probes.linearized import ParametersReadDirectly, SplitProduct, cached_split_product, call_with, quiet_jvp_setup
+from probes.state import restore_buffers, snapshot_buffers
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,11 @@ def select_parameters(model: nn.Module, params: Sequence[torch.Tensor] | None = 
                              "trainable parameters of the model (parameters of another model, or with "
                              "requires_grad=False); pass only the model's own trainable parameters")
     return named
+
+
+def hessian_dim(model: nn.Module, params: Sequence[torch.Tensor] | None = None) -> int:
+    """Return the number of rows of the Hessian over ``params`` (see :func:`select_parameters`)."""
+    return sum(p.numel() for _, p in select_parameters(model, params))
 
 
 def check_batch(inputs: torch.Tensor, targets: torch.Tensor, chunk_size: int | None) -> None:
@@ -193,8 +199,7 @@ class HessianOperator:
         # Buffers as the solve found them, put back before each chunk's forward pass: a forward
         # in train mode may update a buffer that its output reads (the power-iteration vector
         # of nn.utils.spectral_norm), and every product must see the same function.
-        self._saved_buffers = [(module, name, buffer, buffer.detach().clone()) for module in model.modules()
-                               for name, buffer in module._buffers.items() if buffer is not None]
+        self._saved_buffers = snapshot_buffers(model)
 
     @contextmanager
     def _fixed_randomness(self, chunk: int) -> Iterator[None]:
@@ -234,7 +239,7 @@ class HessianOperator:
     def _chunk_grads(self, chunk: int, create_graph: bool = True) -> tuple[torch.Tensor, ...]:
         """Return the gradient of the weighted loss of one chunk (zeros for parameters it does not reach)."""
         inputs, targets = self.chunks[chunk]
-        self._restore_buffers()
+        restore_buffers(self._saved_buffers)
         with self._fixed_randomness(chunk):
             loss = self.loss_fn(self.model(inputs), targets) * (len(targets) / self.batch_size)
         return torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True,
@@ -408,18 +413,11 @@ class HessianOperator:
             total = part if total is None else total + part
         return total
 
-    def _restore_buffers(self) -> None:
-        """Put back the buffer objects and values the operator found when it was built."""
-        with torch.no_grad():
-            for module, name, buffer, saved in self._saved_buffers:
-                module._buffers[name] = buffer
-                buffer.copy_(saved)
-
     def release(self) -> None:
         """Drop the cached gradient graph and the bound values of the split product, and restore the buffers."""
         self._grads = None
         self._split_product, self._bound, self._split_gradient = None, (), None
-        self._restore_buffers()
+        restore_buffers(self._saved_buffers)
 
 
 def has_delayed_error(roots: Sequence[torch.Tensor]) -> bool:
@@ -460,7 +458,7 @@ def _forward_over_reverse_through(module: nn.Module, args: tuple) -> None:
     raise RuntimeError where forward-mode differentiation fails. Leaves the module's buffers as found."""
     positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
     params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-    buffers = {n: b.clone() for n, b in module.named_buffers(recurse=False)}
+    buffers = snapshot_buffers(module)  # module is a leaf, so these are its own buffers
 
     def squared_output(weights: dict[str, torch.Tensor], tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
         call = list(args)
@@ -473,9 +471,7 @@ def _forward_over_reverse_through(module: nn.Module, args: tuple) -> None:
     try:
         torch.func.jvp(torch.func.grad(squared_output, argnums=(0, 1)), primals, tangents)
     finally:
-        with torch.no_grad():
-            for n, b in module.named_buffers(recurse=False):
-                b.copy_(buffers[n])
+        restore_buffers(buffers)
 
 
 def describe_unsupported(model: nn.Module, inputs: torch.Tensor, method: str, error: Exception) -> str:
@@ -954,11 +950,11 @@ def top_eigenvalue(
                 if torch.isfinite(norm) and norm > 0:
                     start = gradient
             if start is not None:
-                flat = start.detach().reshape(-1).to(device=device, dtype=torch.float64)
-                norm = flat.norm()
+                start = start.detach().reshape(-1).to(device=device, dtype=torch.float64)
+                norm = start.norm()
                 # A start of the wrong size or norm goes to the solver unmixed, whose error names it.
-                start = mixed_start(flat, generator) if len(flat) == operator.dim and torch.isfinite(norm) \
-                    and norm > 0 else flat
+                if len(start) == operator.dim and torch.isfinite(norm) and norm > 0:
+                    start = mixed_start(start, generator)
             estimate = solve(apply, operator.dim, max_iter, tol, start, generator, device)
     except ValueError as error:
         if "Expected more than 1 value per channel" not in str(error):
