@@ -14,7 +14,7 @@ from dynamics.distributed import sum_over_ranks
 from dynamics.events import Callback, TrainState
 from probes.backends import pyhessian_top_eigenvalue
 from probes.hessian import (ESTIMATORS, HVP_METHODS, EigenEstimate, HessianUnsupportedError, check_batch, check_tol,
-                            is_integer, select_parameters, top_eigenvalue)
+                            hessian_dim, is_integer, top_eigenvalue)
 from probes.state import preserved_model_state
 from probes.thresholds import adam_preconditioner, adam_threshold, eos_deviation, stability_thresholds
 
@@ -197,8 +197,7 @@ class SharpnessProbe(Callback):
                     raise HessianUnsupportedError(f"the pyhessian backend failed ({type(error).__name__}: {error}); "
                                                   "use backend='ours'") from error
             else:
-                dim = sum(p.numel() for _, p in select_parameters(model, params))
-                start = self._start_vector(preconditioned, dim)
+                start = self._start_vector(preconditioned, hessian_dim(model, params))
                 recheck = self.requested_hvp_method == "auto" and self.estimates % AUTO_RECHECK == 0
                 estimate = top_eigenvalue(
                     model, loss_fn, self.inputs, self.targets,

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from probes.hessian import select_parameters, top_eigenvalue
+from probes.hessian import hessian_dim, top_eigenvalue
 from probes.state import preserved_model_state
 
 
@@ -57,7 +57,7 @@ def sharpness_spread(
         if name in kwargs:
             raise ValueError(f"sharpness_spread sets {name} from each seed, so it takes no {name}= argument. "
                              "Pass seeds=(...) instead")
-    dim = sum(p.numel() for _, p in select_parameters(model, kwargs.get("params")))
+    dim = hessian_dim(model, kwargs.get("params"))
     values, converged = [], []
     with preserved_model_state(model):
         model.train(bn_mode == "train")
