@@ -219,19 +219,15 @@ def accuracy_vs_delta_figure(runs: pd.DataFrame, by: str = "depth") -> plt.Figur
         fig, axes = _panels(len(depths) or 1, sharey=True)
         palette = _palette([("sgd", None), ("adam", None), ("gclip", None)])
         settings = setting_columns(completed)
-        groups = sorted(completed.groupby(settings).groups) if settings else [()]
+        groups = [key for key, _ in completed.groupby(settings)] if settings else [()]
         # One δ-GClip line per optimizer and step size, each with the baselines run at that setting.
         shades = dict(zip(groups, sns.color_palette("dark:0.6", n_colors=len(groups)) if len(groups) > 1 else ["0.15"]))
         widths = dict(zip(groups, np.linspace(1.0, 2.2, len(groups))[::-1]))
         for ax, depth in zip(axes, depths):
             panel = completed[completed[by] == depth]
             masked, drawn = 0, False
-            for group in groups:
-                key = group if isinstance(group, tuple) else (group,)
-                runs_at = panel
-                for column, value in zip(settings, key):
-                    runs_at = runs_at[runs_at[column] == value]
-                suffix = f" ({setting_label(**dict(zip(settings, key)))})" if len(groups) > 1 else ""
+            for group, runs_at in (panel.groupby(settings) if settings else [((), panel)]):
+                suffix = f" ({setting_label(**dict(zip(settings, group)))})" if len(groups) > 1 else ""
                 delta_runs = runs_at[runs_at["method"] == "dgclip"].sort_values("delta")
                 deltas, masked_here = log_mask(delta_runs["delta"])
                 masked += masked_here
