@@ -196,9 +196,9 @@ class HessianOperator:
         self.random_draws = False  # whether a forward pass drew random numbers (see _fixed_randomness)
         self._devices = sorted({p.device.index if p.device.index is not None else torch.cuda.current_device()
                                 for p in self.params if p.device.type == "cuda"})
-        # Buffers as the solve found them, put back before each chunk's forward pass: a forward
-        # in train mode may update a buffer that its output reads (the power-iteration vector
-        # of nn.utils.spectral_norm), and every product must see the same function.
+        # Buffers as the solve found them, put back before each chunk's forward pass. A forward in
+        # train mode may update a buffer that its output reads, such as the power-iteration vector
+        # of nn.utils.spectral_norm, and every product must see the same function.
         self._saved_buffers = snapshot_buffers(model)
 
     @contextmanager
@@ -442,7 +442,7 @@ def has_delayed_error(roots: Sequence[torch.Tensor]) -> bool:
 
 
 def _double_backward_through(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-    """Differentiate twice through one recorded call of ``module``; raise RuntimeError where that fails."""
+    """Differentiate twice through one recorded call of ``module``, raising RuntimeError where that fails."""
     sources = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     sources += [p for p in module.parameters(recurse=False) if p.requires_grad]
     first = torch.autograd.grad(output.square().sum(), sources, create_graph=True, allow_unused=True)
@@ -454,8 +454,10 @@ def _double_backward_through(module: nn.Module, args: tuple, output: torch.Tenso
 
 
 def _forward_over_reverse_through(module: nn.Module, args: tuple) -> None:
-    """Take ``torch.func.jvp`` of the gradient through one call of ``module`` on ``args``;
-    raise RuntimeError where forward-mode differentiation fails. Leaves the module's buffers as found."""
+    """Take ``torch.func.jvp`` of the gradient through one call of ``module`` on ``args``.
+
+    Raises RuntimeError where forward-mode differentiation fails. Leaves the module's buffers as found.
+    """
     positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
     params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if p.requires_grad}
     buffers = snapshot_buffers(module)  # module is a leaf, so these are its own buffers
