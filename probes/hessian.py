@@ -16,8 +16,9 @@ Conventions a reader could get wrong:
 - Every product of a solve sees the same function. ``nn.Dropout`` modules are switched
   off for the solve. Random numbers drawn elsewhere in the forward pass (functional
   dropout, attention dropout) come from a generator seeded alike for every product, so
-  the mask is fixed; the estimate records ``dropout="mask fixed"``. The global RNG is
-  left as it was either way.
+  the mask is fixed; the estimate records ``dropout="mask fixed"``. A generator stored as
+  a module attribute starts each forward pass from its state at the start
+  of the solve. The global RNG and those generators are left as they were either way.
 - A parameter the loss does not reach has zero rows and columns in the Hessian.
 """
 
@@ -40,7 +41,7 @@ from torch import nn
 
 from dynamics.distributed import all_reduce_sum, sum_over_ranks
 from probes.linearized import ParametersReadDirectly, SplitProduct, cached_split_product, call_with, quiet_jvp_setup
-from probes.state import restore_buffers, snapshot_buffers
+from probes.state import generators_moved, restore_buffers, restore_generators, snapshot_buffers, snapshot_generators
 
 log = logging.getLogger(__name__)
 
@@ -200,18 +201,21 @@ class HessianOperator:
         # train mode may update a buffer that its output reads, such as the power-iteration vector
         # of nn.utils.spectral_norm, and every product must see the same function.
         self._saved_buffers = snapshot_buffers(model)
+        # Generators stored as module attributes are saved too. Each chunk's forward pass starts
+        # from their saved states, so it draws the same numbers in every product.
+        self._saved_generators = snapshot_generators(model)
 
     @contextmanager
     def _fixed_randomness(self, chunk: int) -> Iterator[None]:
         """Run a chunk's forward pass with the global generators (torch's, numpy's and
-        Python's) seeded by the chunk's index, then restore them.
+        Python's) seeded by the chunk's index, and the generators stored as module attributes
+        at their states from the start of the solve. Restore all of them afterwards.
 
         Every product thus draws the same dropout mask for a chunk, and training's random
         streams do not move. Sets ``random_draws`` when the pass drew random numbers.
-        NOTE: a ``torch.Generator`` that the model keeps itself is neither seeded nor
-        detected, so its draws change at every product.
         """
         saved = (np.random.get_state(), random.getstate())
+        restore_generators(self._saved_generators)
         try:
             with torch.random.fork_rng(devices=self._devices):
                 torch.default_generator.manual_seed(chunk)
@@ -224,10 +228,11 @@ class HessianOperator:
                 if not self.random_draws:
                     after = self._rng_states()
                     self.random_draws = (any(not torch.equal(a, b) for a, b in zip(before[0], after[0]))
-                                         or before[1] != after[1])
+                                         or before[1] != after[1] or generators_moved(self._saved_generators))
         finally:
             np.random.set_state(saved[0])
             random.setstate(saved[1])
+            restore_generators(self._saved_generators)
 
     def _rng_states(self) -> tuple[list[torch.Tensor], tuple]:
         torch_states = [torch.get_rng_state(), *(torch.cuda.get_rng_state(device) for device in self._devices)]
@@ -414,10 +419,12 @@ class HessianOperator:
         return total
 
     def release(self) -> None:
-        """Drop the cached gradient graph and the bound values of the split product, and restore the buffers."""
+        """Drop the cached gradient graph and the bound values of the split product, and restore
+        the buffers and the modules' generators."""
         self._grads = None
         self._split_product, self._bound, self._split_gradient = None, (), None
         restore_buffers(self._saved_buffers)
+        restore_generators(self._saved_generators)
 
 
 def has_delayed_error(roots: Sequence[torch.Tensor]) -> bool:

@@ -10,6 +10,7 @@ from torch import nn
 
 
 BufferSnapshot = list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]]
+GeneratorSnapshot = list[tuple[torch.Generator, torch.Tensor]]
 
 
 def snapshot_buffers(model: nn.Module) -> BufferSnapshot:
@@ -30,16 +31,49 @@ def restore_buffers(snapshot: BufferSnapshot) -> None:
             buffer.copy_(saved)
 
 
+def model_generators(model: nn.Module) -> list[torch.Generator]:
+    """Return the ``torch.Generator`` objects stored as attributes of ``model``'s modules, each once.
+
+    A module that draws its noise from its own generator (``torch.bernoulli(p,
+    generator=self.generator)``) moves that generator at every forward pass, out of
+    reach of the global seeds. Generators kept inside lists or dicts are not found.
+    """
+    found: dict[int, torch.Generator] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Generator):
+                found.setdefault(id(value), value)
+    return list(found.values())
+
+
+def snapshot_generators(model: nn.Module) -> GeneratorSnapshot:
+    """Return each generator of :func:`model_generators` with a copy of its state, for :func:`restore_generators`."""
+    return [(generator, generator.get_state()) for generator in model_generators(model)]
+
+
+def restore_generators(snapshot: GeneratorSnapshot) -> None:
+    """Put the saved states of ``snapshot`` back into their generators."""
+    for generator, state in snapshot:
+        generator.set_state(state)
+
+
+def generators_moved(snapshot: GeneratorSnapshot) -> bool:
+    """Check whether any generator of ``snapshot`` has drawn since the snapshot was taken."""
+    return any(not torch.equal(generator.get_state(), state) for generator, state in snapshot)
+
+
 @contextmanager
 def preserved_model_state(model: nn.Module) -> Iterator[None]:
-    """Restore every module's train/eval flag, every buffer and the global RNG on exit.
+    """Restore every module's train/eval flag, every buffer, the generators stored as
+    module attributes and the global RNG on exit.
 
     Forward passes in train mode update BatchNorm running statistics, and dropout
-    draws from the global generator. This block undoes both, so a probe that runs
-    inside it leaves the training run as it found it.
+    draws from the global generator or from a module's own. This block undoes all of
+    it, so a probe that runs inside it leaves the training run as it found it.
     """
     modes = {module: module.training for module in model.modules()}
     buffers = snapshot_buffers(model)
+    generators = snapshot_generators(model)
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
@@ -48,6 +82,7 @@ def preserved_model_state(model: nn.Module) -> Iterator[None]:
         for module, training in modes.items():
             module.training = training
         restore_buffers(buffers)
+        restore_generators(generators)
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)

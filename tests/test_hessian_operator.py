@@ -23,11 +23,12 @@ from test_sharpness_engine import _unsupported_model
 METHODS = ["auto", "double_backward", "forward_over_reverse"]
 
 
-def _dense_hessian(model, loss_fn, inputs, targets, seed=None):
+def _dense_hessian(model, loss_fn, inputs, targets, seed=None, before_forward=None):
     """Return the dense Hessian over the trainable parameters.
 
     With ``seed``, every forward pass draws its random numbers from the global generator
-    seeded with it, as a solve does for its first chunk.
+    seeded with it, as a solve does for its first chunk. ``before_forward`` is called
+    before every forward pass.
     """
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     flat = torch.cat([p.detach().reshape(-1) for _, p in named])
@@ -37,6 +38,8 @@ def _dense_hessian(model, loss_fn, inputs, targets, seed=None):
         values = {name: piece.view_as(p) for (name, p), piece in zip(named, pieces)}
         if seed is not None:
             torch.manual_seed(seed)
+        if before_forward is not None:
+            before_forward()
         return loss_fn(torch.func.functional_call(model, values, (inputs,)), targets)
 
     with torch.random.fork_rng(devices=[]):
@@ -66,6 +69,22 @@ class FunctionalDropout(nn.Module):
 
     def forward(self, x):
         return self.head(nn.functional.dropout(torch.tanh(self.body(x)), 0.5, self.training))
+
+
+class OwnGeneratorDropout(nn.Module):
+    """Dropout whose mask comes from a generator the module holds, which no global seed reaches."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(5, 8)
+        self.head = nn.Linear(8, 3)
+        self.generator = torch.Generator().manual_seed(5)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.body(x))
+        if self.training:
+            hidden = hidden * torch.bernoulli(torch.full_like(hidden, 0.5), generator=self.generator) * 2
+        return self.head(hidden)
 
 
 def _batch(size=16):
@@ -128,12 +147,43 @@ def test_functional_dropout_mask_is_fixed(method, chunk_size):
         assert torch.dot(u, operator(v)).item() == pytest.approx(torch.dot(v, operator(u)).item(), rel=1e-10)
 
 
-def test_probe_leaves_training_with_functional_dropout_unchanged():
+@pytest.mark.parametrize("chunk_size", [None, 7])
+@pytest.mark.parametrize("method", METHODS)
+def test_module_generator_mask_fixed(method, chunk_size):
+    """A module that drew its mask from its own torch.Generator drew a new mask at every
+    product: the operator was not symmetric, the row recorded dropout="absent", and the
+    solve moved the generator, so training after a probe call saw other masks."""
+    torch.manual_seed(0)
+    model = OwnGeneratorDropout().double().train()
+    inputs, targets = _batch()
+    loss_fn = nn.CrossEntropyLoss()
+    before = model.generator.get_state()
+    estimate = top_eigenvalue(model, loss_fn, inputs, targets, tol=1e-9, max_iter=100, hvp_method=method,
+                              chunk_size=chunk_size)
+    assert torch.equal(model.generator.get_state(), before)
+    assert estimate.dropout == "mask fixed"
+    assert estimate.converged
+    if chunk_size is None:  # the Hessian of the loss with the mask drawn first from the saved state
+        exact = torch.linalg.eigvalsh(_dense_hessian(model, loss_fn, inputs, targets,
+                                                     before_forward=lambda: model.generator.set_state(before)))
+        assert estimate.lambda_max == pytest.approx(exact[-1].item(), rel=1e-8)
+    else:
+        operator = HessianOperator(model, loss_fn, inputs, targets, chunk_size=chunk_size, method=method)
+        u, v = torch.randn(2, operator.dim, dtype=torch.float64)
+        assert torch.dot(u, operator(v)).item() == pytest.approx(torch.dot(v, operator(u)).item(), rel=1e-10)
+        operator.release()
+        assert torch.equal(model.generator.get_state(), before)
+
+
+@pytest.mark.parametrize("model_class", [FunctionalDropout, OwnGeneratorDropout])
+def test_probe_keeps_training_with_dropout(model_class):
     """Training with a sharpness probe every step gives the same parameters, bit for bit,
-    as training without it, on a model whose dropout the probe cannot switch off."""
+    as training without it, on models whose dropout the probe cannot switch off. With a
+    generator stored in the module, the probe's forward passes used to move it, so every
+    later training step drew another mask."""
     def train(with_probe):
         torch.manual_seed(0)
-        model = FunctionalDropout().train()
+        model = model_class().train()
         inputs, targets = torch.randn(32, 5), torch.randint(0, 3, (32,))
         probes = [SharpnessProbe(inputs[:8], targets[:8], every_steps=1, max_iter=10)] if with_probe else []
         loader = TensorLoader(inputs, targets, 8, shuffle=True, seed=0)
