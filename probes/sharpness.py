@@ -38,6 +38,10 @@ AUTO_RECHECK = 10
 __all__ = ["SharpnessProbe", "preserved_model_state"]
 
 
+# Optimizer settings that the stability thresholds read (from the first parameter group).
+THRESHOLD_SETTINGS = ("lr", "momentum", "nesterov", "dampening", "betas")
+
+
 def _inner_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
@@ -159,6 +163,7 @@ class SharpnessProbe(Callback):
         self._warned_adam = False
         self._warned_stateless = False
         self._warned_momentum = False
+        self._warned_groups = False
 
     def _union_batch_size(self) -> int:
         """Return the sharpness batch size over every rank's part (the local size in a single process)."""
@@ -244,7 +249,7 @@ class SharpnessProbe(Callback):
             state["_start"] = state.pop("start")
         defaults = {"_start": "previous", "cosine": {False: math.nan, True: math.nan}, "last_start": "",
                     "_step_rows": (-1, []), "group": None, "_batch_size": None, "_warned_stateless": False,
-                    "_warned_momentum": False,
+                    "_warned_momentum": False, "_warned_groups": False,
                     "requested_hvp_method": state.get("hvp_method", "auto")}
         self.__dict__.update({**defaults, **state})
         self.start = self._start  # through the setter: versions before it accepted any string
@@ -303,6 +308,7 @@ class SharpnessProbe(Callback):
         adam = isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
         params = _optimized_params(state.model, inner)
         try:
+            self._check_groups(inner, state.run_id)
             estimate = self.measure(state.model, state.loss_fn, params=params)
             rows = [self._row(state, estimate, kind, value, False)
                     for kind, value in stability_thresholds(h, **self._momentum(inner, state.run_id)).items()]
@@ -339,6 +345,26 @@ class SharpnessProbe(Callback):
         for row in rows:
             state.recorder.append("sharpness", row)
         return rows
+
+    def _check_groups(self, optimizer: torch.optim.Optimizer, run_id: str) -> None:
+        """Warn once when the parameter groups differ in a setting that the thresholds take from the first group.
+
+        NOTE: with per-group step sizes the stability criterion is λ_max(D^1/2 H D^1/2) ≤ 2,
+        with D the diagonal of each parameter's step size, which the probe does not measure.
+        """
+        if self._warned_groups:
+            return
+        differing = {}
+        for key in THRESHOLD_SETTINGS:
+            values = [group.get(key) for group in optimizer.param_groups]
+            if any(bool(value != values[0]) for value in values[1:]):
+                differing[key] = values
+        if differing:
+            log.warning("%s: the optimizer's param_groups differ in %s; the thresholds use the first group's "
+                        "values, so λ_max over all groups against them is not this optimizer's stability "
+                        "criterion. Give the groups equal step sizes and momentum to compare λ_max with them",
+                        run_id, ", ".join(f"{key} {values}" for key, values in differing.items()))
+            self._warned_groups = True
 
     def _momentum(self, optimizer: torch.optim.Optimizer, run_id: str) -> dict:
         """Return the momentum settings for :func:`stability_thresholds`, read from ``optimizer`` where it has them.

@@ -72,3 +72,34 @@ def test_probe_warns_for_unknown_optimizer(caplog):
     rows = _train_with_probe(torch.optim.RMSprop, caplog)
     assert set(rows) == {"2/h"}
     assert "knows no stability threshold for RMSprop" in caplog.text
+
+
+
+def _warnings_with_groups(caplog, make_groups) -> str:
+    """Train one epoch of SGD over the groups that ``make_groups(model)`` returns and return the probe's warnings."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    inputs, targets = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    optimizer = torch.optim.SGD(make_groups(model), lr=0.05, momentum=0.9)
+    loader = TensorLoader(inputs, targets, 16)
+    with caplog.at_level(logging.WARNING, logger="probes.sharpness"):
+        Trainer(model, nn.CrossEntropyLoss(), loader, loader, optimizer, TrainConfig(1, progress=False),
+                [SharpnessProbe(inputs, targets)]).fit()
+    return caplog.text
+
+
+def test_probe_warns_for_differing_groups(caplog):
+    """Groups with other step sizes got the first group's thresholds without a word."""
+    text = _warnings_with_groups(caplog, lambda model: [{"params": model[0].parameters(), "lr": 0.01},
+                                                        {"params": model[2].parameters()}])
+    assert "param_groups differ in lr [0.01, 0.05]; the thresholds use the first group's" in text
+
+
+def test_probe_quiet_for_weight_decay_groups(caplog):
+    """Groups that differ only in weight decay, the usual split, share one threshold."""
+    def by_dimension(model):
+        weights = [p for p in model.parameters() if p.dim() > 1]
+        biases = [p for p in model.parameters() if p.dim() == 1]
+        return [{"params": weights, "weight_decay": 5e-4}, {"params": biases}]
+
+    assert "param_groups differ" not in _warnings_with_groups(caplog, by_dimension)
