@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,17 +16,19 @@ import pandas as pd
 
 
 def _temporary_beside(path: Path, prefix: str, suffix: str = "") -> tuple[int, str]:
-    """Create a temporary file beside ``path`` with the mode a plain ``open`` would give it.
+    """Create a new file beside ``path`` with the mode a plain ``open`` would give it; return its descriptor and name.
 
     ``mkstemp`` creates files readable by their owner only (0600), which would leave a
-    study's results unreadable to collaborators; this applies 0666 minus the umask.
+    study's results unreadable to collaborators. Opening with mode 0666 lets the kernel
+    apply the umask, without setting the process-wide umask to read it.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
-    return handle, temporary
+    while True:
+        temporary = str(path.parent / f"{prefix}{secrets.token_hex(8)}{suffix}")
+        try:
+            return os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), temporary
+        except FileExistsError:
+            continue
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -95,6 +95,28 @@ def test_atomic_writes_follow_the_umask(tmp_path):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
 
 
+def test_atomic_writes_leave_umask_alone(tmp_path, monkeypatch):
+    """Reading the umask used to set it to 0 for a moment, so a file that another thread
+    created meanwhile was writable by everyone."""
+    import os
+    import stat
+
+    from reports.atomic import atomic_write_json
+
+    def set_umask(mask):
+        raise AssertionError(f"os.umask({mask:#o}) called during an atomic write")
+
+    previous = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", set_umask)
+        atomic_write_json(tmp_path / "study.json", {"a": 1})
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "study.json").stat().st_mode) == 0o640
+    assert [path.name for path in tmp_path.iterdir()] == ["study.json"]
+
+
 def test_delta_star_is_chosen_per_step_size():
     """δ* was chosen across step sizes: at η = 0.3 δ = 0.2 won, and it was marked δ* at
     η = 0.02 too, next to the GClip baseline of η = 0.02."""
