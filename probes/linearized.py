@@ -21,15 +21,16 @@ the graph. The cache key therefore contains each module's attributes (train/eval
 ``track_running_stats``, floats, tensors with their version counter; dicts, lists,
 config objects, numpy arrays and functions by content), its class attributes, the
 globals and default arguments that its ``forward`` names, the loss's settings or the
-code, closure and globals of a loss function, and the autocast state.
+code, closure and globals of a loss function, and the autocast state. A function among
+those globals is keyed with the globals it names in turn, four levels deep.
 A trace that reads a tensor's value into Python (``.item()``, ``if tensor:``) or
 draws random numbers is rejected, because its graph would be valid only for the
 values seen while tracing. The first trace of each key is checked against the plain
 product.
 NOTE: a read that bypasses aten operations (``tensor.tolist()``, ``.numpy()``) is
 not detected, so a branch on it is frozen at the traced batch's value. Neither is a
-value read only inside a helper function that ``forward`` calls, or deeper than four
-levels: a changed one leaves the trace stale. ``SharpnessProbe(hvp_method="auto")``
+value deeper than four levels, or one that a helper reached through an attribute
+(``helpers.scale(x)``) or a library function reads: a changed one leaves the trace stale. ``SharpnessProbe(hvp_method="auto")``
 compares both paths again every ``AUTO_RECHECK`` solves, which catches that.
 """
 
@@ -359,6 +360,7 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple]]" = weakref.Wea
 _SIMPLE = (bool, int, float, complex, str, bytes, type(None))
 _DEPTH = 4  # levels of containers, objects and closures keyed by content
 _ARRAY_BYTES = 1 << 20  # numpy arrays up to this size are keyed by content, larger ones by identity
+_LIBRARIES = ("torch", "numpy")  # packages whose functions are keyed without their globals
 
 
 class _Fingerprint:
@@ -396,7 +398,8 @@ class _Fingerprint:
             return ("set", tuple(sorted(obj, key=repr)))
         if isinstance(obj, types.FunctionType):
             closure = tuple(self.value(cell.cell_contents, depth + 1) for cell in obj.__closure__ or ())
-            return ("function", self.identity(obj.__code__), closure, self.value(obj.__defaults__ or (), depth + 1))
+            return ("function", self.identity(obj.__code__), closure, self.value(obj.__defaults__ or (), depth + 1),
+                    self.named_globals(obj, depth + 1))
         if isinstance(obj, types.MethodType):
             return ("method", self.value(obj.__func__, depth + 1), self.owner(obj.__self__, depth + 1))
         if isinstance(obj, functools.partial):
@@ -417,14 +420,21 @@ class _Fingerprint:
                 return ("object", self.identity(obj), self.value(fields, depth + 1))
         return self.identity(obj)
 
-    def named_globals(self, function: object) -> tuple:
-        """Return a key for the globals that a function's code names (empty for a builtin)."""
+    def named_globals(self, function: object, depth: int = 0) -> tuple:
+        """Return a key for the globals that a function's code names.
+
+        A helper function among them is keyed with its own globals in turn, so a global
+        read two calls down is in the key too. The result is empty for a builtin, and
+        for a torch or numpy function that a model's code calls (``depth`` > 0).
+        """
         function = getattr(function, "__func__", function)
         code = getattr(function, "__code__", None)
         if code is None:
             return ()
+        if depth > 0 and (getattr(function, "__module__", None) or "").split(".")[0] in _LIBRARIES:
+            return ()
         namespace = function.__globals__
-        return tuple((name, self.value(namespace[name])) for name in code.co_names if name in namespace)
+        return tuple((name, self.value(namespace[name], depth)) for name in code.co_names if name in namespace)
 
     def code(self, function: object) -> tuple:
         """Return a key for what a method's code reads besides its arguments: the globals
@@ -467,10 +477,8 @@ class _Fingerprint:
         """Return a key for a loss, so that an equal fresh one (``nn.CrossEntropyLoss()`` per call) reuses the trace.
 
         A function is keyed by its code, defaults, closure (by content, as in
-        :meth:`value`) and the globals its code names; a bound method also by its
-        object's attributes.
-        NOTE: values that the functions it calls read are not part of the key, so a
-        change there is not seen by a cached trace.
+        :meth:`value`) and the globals its code names, helper functions with their
+        globals in turn; a bound method also by its object's attributes.
         """
         if isinstance(loss_fn, nn.Module):
             tensors = tuple((name, self.value(t)) for name, t in [*loss_fn.named_parameters(), *loss_fn.named_buffers()])

@@ -250,6 +250,7 @@ class Focal(nn.Module):
 SMOOTHING = 0.0
 CONFIG = {"weight": 1.0}
 TEMPERATURE = 1.0
+GAIN = 1.0
 
 
 class Slotted:
@@ -298,6 +299,26 @@ class Configured(nn.Module):
         return self.body[1](self.act(self.cfg["scale"] * self.body[0](x) + self.settings.offset))
 
 
+def _gained(values):
+    """A helper that reads a module-level global."""
+    return values * GAIN
+
+
+class Helped(nn.Module):
+    """An MLP whose forward reads a global only through a helper function."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3))
+
+    def forward(self, x):
+        return self.body[1](torch.tanh(_gained(self.body[0](x))))
+
+
+def through_helper(outputs, targets):
+    return nn.functional.cross_entropy(_gained(outputs), targets)
+
+
 def smoothed(outputs, targets):
     return nn.functional.cross_entropy(outputs, targets, label_smoothing=SMOOTHING)
 
@@ -338,6 +359,15 @@ def _change_closure_dict(model, _):
 def _change_module_global(model, _):
     global TEMPERATURE
     TEMPERATURE = 3.0
+
+
+def _change_helper_global(model, _):
+    global GAIN
+    GAIN = 3.0
+
+
+def _change_forward_helper_global(model, _):
+    _change_helper_global(model, _)
 
 
 def _change_class_attribute(model, _):
@@ -398,6 +428,8 @@ def _make_weighted_loss():
     (_change_closure_dict, _make_weighted_loss(), None),
     *((change, smoothed, None) for change in DEEP_CHANGES),
     (_change_method_owner, TEMPERED.loss, None),
+    (_change_helper_global, through_helper, None),
+    (_change_forward_helper_global, smoothed, None),
 ])
 def test_cached_split_sees_changed_values(change, loss_fn, changed_loss, monkeypatch):
     """Check that each value a trace would freeze, other than parameters and buffers, is part of the cache key.
@@ -407,17 +439,21 @@ def test_cached_split_sees_changed_values(change, loss_fn, changed_loss, monkeyp
     setting. The others used to return the old Hessian: an entry of a config dict, a
     swapped activation function, a field of a config object, a dict in the loss's
     closure, a module-level global, a class attribute, a field two config objects deep,
-    a numpy array changed in place, a ``__slots__`` field, and an attribute of the object
-    whose bound method is the loss. Each solve after a change must match double backward.
+    a numpy array changed in place, a ``__slots__`` field, an attribute of the object
+    whose bound method is the loss, and a global read through a helper function that the
+    loss or ``forward`` calls. Each solve after a change must match double backward.
     """
     monkeypatch.setattr(TEMPERED, "temperature", 1.0)
     monkeypatch.setitem(globals(), "SMOOTHING", 0.0)
     monkeypatch.setitem(CONFIG, "weight", 1.0)
     monkeypatch.setitem(globals(), "TEMPERATURE", 1.0)
     monkeypatch.setattr(Deep, "factor", 1.0)
+    monkeypatch.setitem(globals(), "GAIN", 1.0)
     torch.manual_seed(0)
     if change in DEEP_CHANGES:
         model = Deep()
+    elif change is _change_forward_helper_global:
+        model = Helped()
     elif change in (_change_dict_entry, _change_activation, _change_object_field):
         model = Configured()
     else:
