@@ -29,8 +29,9 @@ values seen while tracing. The first trace of each key is checked against the pl
 product.
 NOTE: a read that bypasses aten operations (``tensor.tolist()``, ``.numpy()``) is
 not detected, so a branch on it is frozen at the traced batch's value. Neither is a
-value deeper than four levels, or one that a helper reached through an attribute
-(``helpers.scale(x)``) or a library function reads: a changed one leaves the trace stale. ``SharpnessProbe(hvp_method="auto")``
+value deeper than four levels, or one read through an imported module
+(``settings.SCALE``, or a helper called as ``helpers.scale(x)``) or by a library
+function: a changed one leaves the trace stale. ``SharpnessProbe(hvp_method="auto")``
 compares both paths again every ``AUTO_RECHECK`` solves, which catches that.
 """
 

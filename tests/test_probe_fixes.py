@@ -6,6 +6,7 @@ Each reference is exact: the dense Hessian of a tiny float64 model from
 """
 
 import logging
+import types
 
 import pytest
 import torch
@@ -326,15 +327,13 @@ def test_probe_checks_its_batch(options, message):
         SharpnessProbe(**arguments)
 
 
-SCALE = 1.0
-
-
-def _scale():
-    return SCALE
+# The trace cache key names a module object by identity and leaves its attributes out.
+SETTINGS = types.ModuleType("settings")
+SETTINGS.scale = 1.0
 
 
 class HiddenScale(nn.Module):
-    """An MLP that reads SCALE through a helper function, so no cache key of the traced product contains it."""
+    """An MLP that reads its scale from a module object, so no cache key of the traced product contains it."""
 
     def __init__(self):
         super().__init__()
@@ -342,7 +341,7 @@ class HiddenScale(nn.Module):
         self.head = nn.Linear(5, 2)
 
     def forward(self, x):
-        return self.head(torch.tanh(_scale() * self.body(x)))
+        return self.head(torch.tanh(SETTINGS.scale * self.body(x)))
 
 
 def test_auto_recheck_catches_a_stale_trace(monkeypatch):
@@ -352,7 +351,7 @@ def test_auto_recheck_catches_a_stale_trace(monkeypatch):
     double backward."""
     from probes.sharpness import AUTO_RECHECK
 
-    monkeypatch.setitem(globals(), "SCALE", 1.0)
+    monkeypatch.setattr(SETTINGS, "scale", 1.0)
     torch.manual_seed(0)
     model = HiddenScale().double()
     inputs, targets = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 2, (12,))
@@ -360,7 +359,7 @@ def test_auto_recheck_catches_a_stale_trace(monkeypatch):
     probe = SharpnessProbe(inputs, targets, max_iter=80, tol=1e-10)
     probe.measure(model, loss_fn)  # "auto" runs both paths, so the split product is traced and cached
     probe.hvp_method = "forward_over_reverse"  # the choice of "auto" depends on timing: pin the traced path
-    monkeypatch.setitem(globals(), "SCALE", 3.0)
+    monkeypatch.setattr(SETTINGS, "scale", 3.0)
     exact = torch.linalg.eigvalsh(_dense_hessian(model, loss_fn, inputs, targets))[-1].item()
     for _ in range(AUTO_RECHECK - 1):
         probe.measure(model, loss_fn)  # the stale trace: the gap this check exists for
