@@ -362,6 +362,9 @@ _SIMPLE = (bool, int, float, complex, str, bytes, type(None))
 _DEPTH = 4  # levels of containers, objects and closures keyed by content
 _ARRAY_BYTES = 1 << 20  # numpy arrays up to this size are keyed by content, larger ones by identity
 _LIBRARIES = ("torch", "numpy")  # packages whose functions are keyed without their globals
+# Items of lists, tuples, dicts and sets that one key reads by content. A container that
+# would go past this count is keyed by identity, so a big table read by a helper stays cheap.
+_KEY_ITEMS = 100_000
 
 
 class _Fingerprint:
@@ -369,6 +372,10 @@ class _Fingerprint:
 
     def __init__(self) -> None:
         self.referents: list[object] = []
+        # Functions keyed by content once already: helpers that call each other would
+        # otherwise be expanded again at every level.
+        self.seen_functions: set[int] = set()
+        self.items_left = _KEY_ITEMS
 
     def identity(self, obj: object) -> tuple:
         self.referents.append(obj)
@@ -379,7 +386,9 @@ class _Fingerprint:
 
         Containers, plain objects and functions are keyed by content down to
         ``_DEPTH`` levels, and by identity below that. So a changed entry of a config dict,
-        field of a config object or activation function changes the key.
+        field of a config object or activation function changes the key. Containers are
+        keyed by content up to ``_KEY_ITEMS`` items per key, and a function that comes
+        up again by identity.
         """
         if isinstance(obj, _SIMPLE):
             return ("value", type(obj), obj)
@@ -390,6 +399,10 @@ class _Fingerprint:
             return ("value", str(obj))
         if isinstance(obj, nn.Module) or depth >= _DEPTH:
             return self.identity(obj)  # a submodule has its own entry in the key
+        if isinstance(obj, (list, tuple, dict, set, frozenset)):
+            if len(obj) > self.items_left:
+                return ("long", type(obj), len(obj), *self.identity(obj))
+            self.items_left -= len(obj)
         if isinstance(obj, (list, tuple)):
             return (type(obj), tuple(self.value(item, depth + 1) for item in obj))
         if isinstance(obj, dict):
@@ -398,6 +411,9 @@ class _Fingerprint:
         if isinstance(obj, (set, frozenset)) and all(isinstance(item, _SIMPLE) for item in obj):
             return ("set", tuple(sorted(obj, key=repr)))
         if isinstance(obj, types.FunctionType):
+            if id(obj) in self.seen_functions:
+                return ("function again", *self.identity(obj))
+            self.seen_functions.add(id(obj))
             closure = tuple(self.value(cell.cell_contents, depth + 1) for cell in obj.__closure__ or ())
             return ("function", self.identity(obj.__code__), closure, self.value(obj.__defaults__ or (), depth + 1),
                     self.named_globals(obj, depth + 1))
@@ -418,7 +434,10 @@ class _Fingerprint:
                     if name not in ("__dict__", "__weakref__") and hasattr(obj, name):
                         fields[name] = getattr(obj, name)
             if fields:
-                return ("object", self.identity(obj), self.value(fields, depth + 1))
+                # Keyed field by field: at the depth limit, the dict built here would be keyed by
+                # its own identity, which is new at every call, so the key would never repeat.
+                return ("object", self.identity(obj),
+                        tuple((name, self.value(item, depth + 1)) for name, item in fields.items()))
         return self.identity(obj)
 
     def named_globals(self, function: object, depth: int = 0) -> tuple:

@@ -587,3 +587,78 @@ def test_first_product_emits_no_deprecation_warnings(chunk_size):
     result = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", script],
                             capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+LOGGER = logging.getLogger("tests.helper_chain")
+TABLE = [float(index) for index in range(200_000)]
+
+
+def _third(x):
+    LOGGER.debug("activation")  # a plain object three calls below forward
+    return torch.tanh(x) if TABLE else x
+
+
+def _second(x):
+    return _third(x)
+
+
+def _first(x):
+    return _second(x)
+
+
+class Chained(nn.Module):
+    """An MLP whose activation sits three helper calls below ``forward``."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3))
+
+    def forward(self, x):
+        return self.body[1](_first(self.body[0](x)))
+
+
+def test_helper_chain_traces_once(monkeypatch):
+    """An object at the depth limit was keyed by the identity of a dict built afresh at
+    every call, so a logger three helper calls down made every solve trace again."""
+    traces = []
+    original = linearized.split_product
+    monkeypatch.setattr(linearized, "split_product", lambda *args: traces.append(1) or original(*args))
+    torch.manual_seed(0)
+    model = Chained().double()
+    inputs, targets = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    vector = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    for _ in range(3):
+        operator = HessianOperator(model, nn.CrossEntropyLoss(), inputs, targets, method="forward_over_reverse")
+        operator(vector)
+        operator.release()
+    assert len(traces) == 1
+
+
+def _key_referents(model):
+    """Return the objects that the trace cache key of ``model`` names by identity."""
+    params = list(model.parameters())
+    names = [name for name, _ in model.named_parameters()]
+    inputs, targets = torch.randn(2, 4), torch.randint(0, 3, (2,))
+    _, referents = linearized.signature(model, names, [], nn.CrossEntropyLoss(), 1.0, params, [], inputs, targets)
+    return referents
+
+
+for _index in range(6):  # six helpers that each name all six
+    exec(f"def _calling_{_index}(x):\n    return x if ({' or '.join(f'_calling_{j}' for j in range(6))}) else x")
+
+
+class Calling(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return _calling_0(self.body(x))  # noqa: F821 (defined by the loop above)
+
+
+def test_key_of_calling_helpers_stays_small():
+    """Helpers that call each other were expanded again at every level, so the key grew as
+    the number of helpers to the fourth power, and a big list that a helper read was keyed
+    item by item at every solve."""
+    assert len(_key_referents(Calling())) < 100
+    assert any(referent is TABLE for referent in _key_referents(Chained()))
