@@ -62,7 +62,7 @@ def pyhessian_top_eigenvalue(
         count += 1
         return original_product(*args, **kwargs)
 
-    with preserved_model_state(model):
+    with preserved_model_state(model, loss_fn):
         for p in params:
             p.grad = None
         pyhessian_hessian.hessian_vector_product = counting_product

@@ -17,8 +17,10 @@ Conventions a reader could get wrong:
   off for the solve. Random numbers drawn elsewhere in the forward pass (functional
   dropout, attention dropout) come from a generator seeded alike for every product, so
   the mask is fixed; the estimate records ``dropout="mask fixed"``. A generator stored as
-  a module attribute starts each forward pass from its state at the start
-  of the solve. The global RNG and those generators are left as they were either way.
+  an attribute of a module of the model or the loss starts each forward pass from its
+  state at the start of the solve. The global RNG and those generators are left as they
+  were either way. Generators kept elsewhere are not found (see
+  ``probes.state.model_generators``).
 - A parameter the loss does not reach has zero rows and columns in the Hessian.
 """
 
@@ -203,7 +205,7 @@ class HessianOperator:
         self._saved_buffers = snapshot_buffers(model)
         # Generators stored as module attributes are saved too. Each chunk's forward pass starts
         # from their saved states, so it draws the same numbers in every product.
-        self._saved_generators = snapshot_generators(model)
+        self._saved_generators = snapshot_generators(model, loss_fn)
 
     @contextmanager
     def _fixed_randomness(self, chunk: int) -> Iterator[None]:

@@ -184,7 +184,7 @@ class SharpnessProbe(Callback):
                              "trainable parameter")
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module  # DDP's gradient hooks must not see the solve; products are all-reduced instead
-        with preserved_model_state(model):
+        with preserved_model_state(model, loss_fn):
             model.train(self.bn_mode == "train")
             if self.backend == "pyhessian":
                 if preconditioned:

@@ -59,7 +59,7 @@ def sharpness_spread(
                              "Pass seeds=(...) instead")
     dim = hessian_dim(model, kwargs.get("params"))
     values, converged = [], []
-    with preserved_model_state(model):
+    with preserved_model_state(model, loss_fn):
         model.train(bn_mode == "train")
         for inputs, targets in batches:
             for seed in seeds:

@@ -31,24 +31,31 @@ def restore_buffers(snapshot: BufferSnapshot) -> None:
             buffer.copy_(saved)
 
 
-def model_generators(model: nn.Module) -> list[torch.Generator]:
-    """Return the ``torch.Generator`` objects stored as attributes of ``model``'s modules, each once.
+def model_generators(*roots: object) -> list[torch.Generator]:
+    """Return the ``torch.Generator`` objects stored as attributes of the modules of ``roots``, each once.
 
     A module that draws its noise from its own generator (``torch.bernoulli(p,
     generator=self.generator)``) moves that generator at every forward pass, out of
-    reach of the global seeds. Generators kept inside lists or dicts are not found.
+    reach of the global seeds. A root that is not an ``nn.Module`` (a loss function) is
+    skipped.
+    NOTE: generators kept elsewhere are not found: inside lists or dicts, as class
+    attributes, in plain helper objects, or created during the forward pass. Their draws
+    change at every product and move training's stream.
     """
     found: dict[int, torch.Generator] = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, torch.Generator):
-                found.setdefault(id(value), value)
+    for root in roots:
+        if not isinstance(root, nn.Module):
+            continue
+        for module in root.modules():
+            for value in vars(module).values():
+                if isinstance(value, torch.Generator):
+                    found.setdefault(id(value), value)
     return list(found.values())
 
 
-def snapshot_generators(model: nn.Module) -> GeneratorSnapshot:
+def snapshot_generators(*roots: object) -> GeneratorSnapshot:
     """Return each generator of :func:`model_generators` with a copy of its state, for :func:`restore_generators`."""
-    return [(generator, generator.get_state()) for generator in model_generators(model)]
+    return [(generator, generator.get_state()) for generator in model_generators(*roots)]
 
 
 def restore_generators(snapshot: GeneratorSnapshot) -> None:
@@ -63,17 +70,18 @@ def generators_moved(snapshot: GeneratorSnapshot) -> bool:
 
 
 @contextmanager
-def preserved_model_state(model: nn.Module) -> Iterator[None]:
+def preserved_model_state(model: nn.Module, loss_fn: object = None) -> Iterator[None]:
     """Restore every module's train/eval flag, every buffer, the generators stored as
     module attributes and the global RNG on exit.
 
     Forward passes in train mode update BatchNorm running statistics, and dropout
     draws from the global generator or from a module's own. This block undoes all of
-    it, so a probe that runs inside it leaves the training run as it found it.
+    it, so a probe that runs inside it leaves the training run as it found it. A
+    ``loss_fn`` that is a module gets its generators restored too.
     """
     modes = {module: module.training for module in model.modules()}
     buffers = snapshot_buffers(model)
-    generators = snapshot_generators(model)
+    generators = snapshot_generators(model, loss_fn)
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:

@@ -87,6 +87,18 @@ class OwnGeneratorDropout(nn.Module):
         return self.head(hidden)
 
 
+class NoisyLoss(nn.Module):
+    """Cross-entropy with per-sample weights drawn from a generator stored in the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(9)
+
+    def forward(self, outputs, targets):
+        weights = torch.rand(len(targets), generator=self.generator, dtype=outputs.dtype) + 0.5
+        return (nn.functional.cross_entropy(outputs, targets, reduction="none") * weights).mean()
+
+
 def _batch(size=16):
     generator = torch.Generator().manual_seed(1)
     return torch.randn(size, 5, generator=generator, dtype=torch.float64), torch.randint(0, 3, (size,), generator=generator)
@@ -175,12 +187,33 @@ def test_module_generator_mask_fixed(method, chunk_size):
         assert torch.equal(model.generator.get_state(), before)
 
 
-@pytest.mark.parametrize("model_class", [FunctionalDropout, OwnGeneratorDropout])
-def test_probe_keeps_training_with_dropout(model_class):
+@pytest.mark.parametrize("method", METHODS)
+def test_loss_generator_mask_fixed(method):
+    """A loss module that drew sample weights from its own generator moved it at every
+    product: the chunked operator was not symmetric and the row recorded dropout="absent"."""
+    torch.manual_seed(0)
+    model, loss_fn = UnusedHead().double(), NoisyLoss()
+    inputs, targets = _batch()
+    before = loss_fn.generator.get_state()
+    estimate = top_eigenvalue(model, loss_fn, inputs, targets, tol=1e-9, max_iter=100, hvp_method=method,
+                              chunk_size=7)
+    assert torch.equal(loss_fn.generator.get_state(), before)
+    assert estimate.dropout == "mask fixed"
+    operator = HessianOperator(model, loss_fn, inputs, targets, chunk_size=7, method=method)
+    u, v = torch.randn(2, operator.dim, dtype=torch.float64)
+    assert torch.dot(u, operator(v)).item() == pytest.approx(torch.dot(v, operator(u)).item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("model_class, loss_class", [
+    (FunctionalDropout, nn.CrossEntropyLoss),
+    (OwnGeneratorDropout, nn.CrossEntropyLoss),
+    (UnusedHead, NoisyLoss),
+])
+def test_probe_keeps_training_with_dropout(model_class, loss_class):
     """Training with a sharpness probe every step gives the same parameters, bit for bit,
-    as training without it, on models whose dropout the probe cannot switch off. With a
-    generator stored in the module, the probe's forward passes used to move it, so every
-    later training step drew another mask."""
+    as training without it, on models whose random draws the probe cannot switch off.
+    With a generator stored in the model or the loss, the probe's forward passes used to
+    move it, so every later training step drew other numbers."""
     def train(with_probe):
         torch.manual_seed(0)
         model = model_class().train()
@@ -188,7 +221,7 @@ def test_probe_keeps_training_with_dropout(model_class):
         probes = [SharpnessProbe(inputs[:8], targets[:8], every_steps=1, max_iter=10)] if with_probe else []
         loader = TensorLoader(inputs, targets, 8, shuffle=True, seed=0)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        result = Trainer(model, nn.CrossEntropyLoss(), loader, loader, optimizer, TrainConfig(2, progress=False),
+        result = Trainer(model, loss_class(), loader, loader, optimizer, TrainConfig(2, progress=False),
                          probes).fit()
         return model, result
 
