@@ -42,6 +42,15 @@ __all__ = ["SharpnessProbe", "preserved_model_state"]
 THRESHOLD_SETTINGS = ("lr", "momentum", "nesterov", "dampening", "betas")
 
 
+def _setting(value: object) -> object:
+    """Return an optimizer setting as plain Python values: floats for tensors, tuples for lists such as ``betas``."""
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return tuple(_setting(item) for item in value)
+    return value
+
+
 def _inner_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
@@ -354,10 +363,14 @@ class SharpnessProbe(Callback):
         """
         if self._warned_groups:
             return
+        # The first group's settings make the thresholds. Other groups matter only when they
+        # hold a trainable parameter, because only those parameters are in the Hessian.
+        first, *others = optimizer.param_groups
+        groups = [first, *(group for group in others if any(p.requires_grad for p in group["params"]))]
         differing = {}
         for key in THRESHOLD_SETTINGS:
-            values = [group.get(key) for group in optimizer.param_groups]
-            if any(bool(value != values[0]) for value in values[1:]):
+            values = [_setting(group.get(key)) for group in groups]
+            if any(value != values[0] for value in values[1:]):
                 differing[key] = values
         if differing:
             log.warning("%s: the optimizer's param_groups differ in %s; the thresholds use the first group's "
@@ -415,6 +428,9 @@ class SharpnessProbe(Callback):
             "unconverged": self.unconverged,
             "disabled_reason": self.disabled_reason,
             "warned_adam": self._warned_adam,
+            "warned_momentum": self._warned_momentum,
+            "warned_stateless": self._warned_stateless,
+            "warned_groups": self._warned_groups,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -428,6 +444,10 @@ class SharpnessProbe(Callback):
         self.hvp_method = state["hvp_method"]
         self.estimates, self.unconverged = state["estimates"], state["unconverged"]
         self.disabled_reason, self._warned_adam = state["disabled_reason"], state["warned_adam"]
+        # Absent in checkpoints written before these warnings were remembered across a resume.
+        self._warned_momentum = state.get("warned_momentum", False)
+        self._warned_stateless = state.get("warned_stateless", False)
+        self._warned_groups = state.get("warned_groups", False)
 
     def on_train_end(self, state: TrainState) -> None:
         if self.unconverged:

@@ -76,11 +76,16 @@ def test_probe_warns_for_unknown_optimizer(caplog):
 
 
 def _warnings_with_groups(caplog, make_groups) -> str:
-    """Train one epoch of SGD over the groups that ``make_groups(model)`` returns and return the probe's warnings."""
+    """Train one epoch over the groups that ``make_groups(model)`` returns and return the probe's warnings.
+
+    The optimizer is Adam when a group sets ``betas``, else SGD.
+    """
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     inputs, targets = torch.randn(32, 4), torch.randint(0, 3, (32,))
-    optimizer = torch.optim.SGD(make_groups(model), lr=0.05, momentum=0.9)
+    groups = make_groups(model)
+    optimizer_class = torch.optim.Adam if any("betas" in group for group in groups) else torch.optim.SGD
+    optimizer = optimizer_class(groups, lr=0.05)
     loader = TensorLoader(inputs, targets, 16)
     with caplog.at_level(logging.WARNING, logger="probes.sharpness"):
         Trainer(model, nn.CrossEntropyLoss(), loader, loader, optimizer, TrainConfig(1, progress=False),
@@ -95,11 +100,47 @@ def test_probe_warns_for_differing_groups(caplog):
     assert "param_groups differ in lr [0.01, 0.05]; the thresholds use the first group's" in text
 
 
-def test_probe_quiet_for_weight_decay_groups(caplog):
-    """Groups that differ only in weight decay, the usual split, share one threshold."""
-    def by_dimension(model):
-        weights = [p for p in model.parameters() if p.dim() > 1]
-        biases = [p for p in model.parameters() if p.dim() == 1]
-        return [{"params": weights, "weight_decay": 5e-4}, {"params": biases}]
+def _by_dimension(model):
+    """Return a weight group with weight decay and a bias group without, the usual split."""
+    weights = [p for p in model.parameters() if p.dim() > 1]
+    biases = [p for p in model.parameters() if p.dim() == 1]
+    return [{"params": weights, "weight_decay": 5e-4}, {"params": biases}]
 
-    assert "param_groups differ" not in _warnings_with_groups(caplog, by_dimension)
+
+def _frozen_group(model):
+    """Return the trained parameters, and a frozen layer in a group of step size 0."""
+    model[0].requires_grad_(False)
+    return [{"params": model[2].parameters()}, {"params": model[0].parameters(), "lr": 0.0}]
+
+
+def _list_betas(model):
+    return [{"params": model[0].parameters(), "betas": [0.9, 0.999]}, {"params": model[2].parameters()}]
+
+
+def _frozen_first(model):
+    """Return a frozen layer in a first group with another step size, and the trained parameters."""
+    model[0].requires_grad_(False)
+    return [{"params": model[0].parameters(), "lr": 0.5}, {"params": model[2].parameters()}]
+
+
+def test_probe_warns_for_frozen_first_group(caplog):
+    """The thresholds come from the first group even when it is frozen, so its step size must match."""
+    assert "param_groups differ in lr [0.5, 0.05]" in _warnings_with_groups(caplog, _frozen_first)
+
+
+@pytest.mark.parametrize("make_groups", [_by_dimension, _frozen_group, _list_betas])
+def test_probe_quiet_for_equal_groups(caplog, make_groups):
+    """Groups that differ only in weight decay share one threshold. A frozen group (no row
+    of the Hessian) and betas written as a list used to get the warning."""
+    assert "param_groups differ" not in _warnings_with_groups(caplog, make_groups)
+
+
+def test_probe_warns_once_across_resume(caplog):
+    """The warning flags were not in the probe's state_dict, so a resumed run warned again."""
+    first = SharpnessProbe(torch.randn(4, 4), torch.randint(0, 3, (4,)))
+    first._warned_groups = first._warned_momentum = first._warned_stateless = True
+    resumed = SharpnessProbe(torch.randn(4, 4), torch.randint(0, 3, (4,)))
+    resumed.load_state_dict(first.state_dict())
+    assert resumed._warned_groups
+    assert resumed._warned_momentum
+    assert resumed._warned_stateless
