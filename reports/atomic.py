@@ -24,7 +24,8 @@ def _temporary_beside(path: Path, prefix: str, suffix: str = "") -> tuple[int, s
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        temporary = str(path.parent / f"{prefix}{secrets.token_hex(8)}{suffix}")
+        # Eight random characters, as mkstemp uses, so names near the file-system limit still fit.
+        temporary = str(path.parent / f"{prefix}{secrets.token_hex(4)}{suffix}")
         try:
             return os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), temporary
         except FileExistsError:

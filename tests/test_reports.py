@@ -117,6 +117,16 @@ def test_atomic_writes_leave_umask_alone(tmp_path, monkeypatch):
     assert [path.name for path in tmp_path.iterdir()] == ["study.json"]
 
 
+def test_atomic_write_long_name(tmp_path):
+    """Temporary names carried 16 random characters where mkstemp used 8, so a 241-character
+    file name, which mkstemp had handled, went past the 255-byte limit of the file system."""
+    from reports.atomic import atomic_write_json
+
+    target = tmp_path / ("r" * 241)
+    atomic_write_json(target, {"a": 1})
+    assert target.exists()
+
+
 def test_delta_star_is_chosen_per_step_size():
     """δ* was chosen across step sizes: at η = 0.3 δ = 0.2 won, and it was marked δ* at
     η = 0.02 too, next to the GClip baseline of η = 0.02."""
