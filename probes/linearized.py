@@ -362,9 +362,11 @@ _SIMPLE = (bool, int, float, complex, str, bytes, type(None))
 _DEPTH = 4  # levels of containers, objects and closures keyed by content
 _ARRAY_BYTES = 1 << 20  # numpy arrays up to this size are keyed by content, larger ones by identity
 _LIBRARIES = ("torch", "numpy")  # packages whose functions are keyed without their globals
-# Items of lists, tuples, dicts and sets that one key reads by content. A container that
-# would go past this count is keyed by identity, so a big table read by a helper stays cheap.
+# Items of lists, tuples, dicts and sets that one key reads by content. A container of more
+# than _SMALL_ITEMS items that would go past this count is keyed by identity, so a big table
+# read by a helper stays cheap, while a small config dict read after it is still keyed by content.
 _KEY_ITEMS = 100_000
+_SMALL_ITEMS = 16
 
 
 class _Fingerprint:
@@ -372,9 +374,10 @@ class _Fingerprint:
 
     def __init__(self) -> None:
         self.referents: list[object] = []
-        # Functions keyed by content once already: helpers that call each other would
-        # otherwise be expanded again at every level.
-        self.seen_functions: set[int] = set()
+        # The shallowest depth at which each function was keyed by content. Helpers that call
+        # each other would otherwise be expanded again at every level. A function met again
+        # at that depth or deeper adds nothing, but one met shallower reaches further.
+        self.function_depths: dict[int, int] = {}
         self.items_left = _KEY_ITEMS
 
     def identity(self, obj: object) -> tuple:
@@ -387,8 +390,9 @@ class _Fingerprint:
         Containers, plain objects and functions are keyed by content down to
         ``_DEPTH`` levels, and by identity below that. So a changed entry of a config dict,
         field of a config object or activation function changes the key. Containers are
-        keyed by content up to ``_KEY_ITEMS`` items per key, and a function that comes
-        up again by identity.
+        keyed by content up to ``_KEY_ITEMS`` items per key (beyond that, those of more
+        than ``_SMALL_ITEMS`` items by identity), and a function that comes up again no
+        shallower than before by identity.
         """
         if isinstance(obj, _SIMPLE):
             return ("value", type(obj), obj)
@@ -400,7 +404,7 @@ class _Fingerprint:
         if isinstance(obj, nn.Module) or depth >= _DEPTH:
             return self.identity(obj)  # a submodule has its own entry in the key
         if isinstance(obj, (list, tuple, dict, set, frozenset)):
-            if len(obj) > self.items_left:
+            if len(obj) > max(self.items_left, _SMALL_ITEMS):
                 return ("long", type(obj), len(obj), *self.identity(obj))
             self.items_left -= len(obj)
         if isinstance(obj, (list, tuple)):
@@ -411,9 +415,9 @@ class _Fingerprint:
         if isinstance(obj, (set, frozenset)) and all(isinstance(item, _SIMPLE) for item in obj):
             return ("set", tuple(sorted(obj, key=repr)))
         if isinstance(obj, types.FunctionType):
-            if id(obj) in self.seen_functions:
+            if self.function_depths.get(id(obj), _DEPTH) <= depth:
                 return ("function again", *self.identity(obj))
-            self.seen_functions.add(id(obj))
+            self.function_depths[id(obj)] = depth
             closure = tuple(self.value(cell.cell_contents, depth + 1) for cell in obj.__closure__ or ())
             return ("function", self.identity(obj.__code__), closure, self.value(obj.__defaults__ or (), depth + 1),
                     self.named_globals(obj, depth + 1))
@@ -433,11 +437,13 @@ class _Fingerprint:
                 for name in (slots,) if isinstance(slots, str) else slots:
                     if name not in ("__dict__", "__weakref__") and hasattr(obj, name):
                         fields[name] = getattr(obj, name)
+            if fields and depth + 1 < _DEPTH:
+                return ("object", self.identity(obj), self.value(fields, depth + 1))
             if fields:
-                # Keyed field by field: at the depth limit, the dict built here would be keyed by
-                # its own identity, which is new at every call, so the key would never repeat.
+                # At the depth limit the dict built here would be keyed by its own identity, which
+                # is new at every call, so the key would never repeat. Simple fields are keyed instead.
                 return ("object", self.identity(obj),
-                        tuple((name, self.value(item, depth + 1)) for name, item in fields.items()))
+                        tuple((name, item) for name, item in fields.items() if isinstance(item, _SIMPLE)))
         return self.identity(obj)
 
     def named_globals(self, function: object, depth: int = 0) -> tuple:

@@ -662,3 +662,125 @@ def test_key_of_calling_helpers_stays_small():
     item by item at every solve."""
     assert len(_key_referents(Calling())) < 100
     assert any(referent is TABLE for referent in _key_referents(Chained()))
+
+
+def _gap_after_change(model, loss_fn, change):
+    """Trace the split product, apply ``change()``, and return max |split − double backward| after it."""
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    vector = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+
+    def product(method):
+        operator = HessianOperator(model, loss_fn, inputs, targets, method=method)
+        result = operator(vector)
+        operator.release()
+        return result
+
+    product("forward_over_reverse")
+    change()
+    return (product("forward_over_reverse") - product("double_backward")).abs().max().item()
+
+
+LOOKUP = [[0.0] * 100 for _ in range(1000)]
+SMALL_CONFIG = {"scale": 2.0}
+
+
+class TableThenConfig(nn.Module):
+    """An MLP whose forward reads a big table and then a small config dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3))
+
+    def forward(self, x):
+        hidden = self.body[0](x) if LOOKUP else -self.body[0](x)
+        return self.body[1](torch.tanh(hidden * SMALL_CONFIG["scale"]))
+
+
+def test_small_config_after_big_table(monkeypatch):
+    """A table read first used up the key's item budget, so a config dict read after it
+    was keyed by identity and a changed entry reused the stale trace."""
+    monkeypatch.setitem(SMALL_CONFIG, "scale", 2.0)
+    torch.manual_seed(0)
+    gap = _gap_after_change(TableThenConfig().double(), nn.CrossEntropyLoss(),
+                            lambda: SMALL_CONFIG.__setitem__("scale", 3.0))
+    assert gap < 1e-10
+
+
+ACTIVATION_CONFIG = {"scale": 2.0}
+LOSS_CONFIG = {"power": 2.0}
+
+
+def _make_activation(config):
+    def activation(x):
+        return torch.tanh(x * config["scale"])
+
+    return activation
+
+
+ACTIVATION = _make_activation(ACTIVATION_CONFIG)
+
+
+class Described(nn.Module):
+    """An MLP whose attribute describes its activation three levels deep, and whose forward calls it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3))
+        self.spec = {"blocks": [{"activation": ACTIVATION}]}
+
+    def forward(self, x):
+        return self.body[1](ACTIVATION(self.body[0](x)))
+
+
+def _loss_third(outputs, targets):
+    return (nn.functional.cross_entropy(outputs, targets, reduction="none") ** LOSS_CONFIG["power"]).mean()
+
+
+def _loss_second(outputs, targets):
+    return _loss_third(outputs, targets)
+
+
+def _loss_first(outputs, targets):
+    return _loss_second(outputs, targets)
+
+
+def test_function_met_twice_keyed_at_shallowest(monkeypatch):
+    """A function met first deep in the key was not expanded again where it came up
+    shallower. So a config that only the shallower expansion reached was left out. Two
+    cases: the closure of an activation also listed in a module's spec, and a global three
+    loss calls down."""
+    monkeypatch.setitem(ACTIVATION_CONFIG, "scale", 2.0)
+    monkeypatch.setitem(LOSS_CONFIG, "power", 2.0)
+    torch.manual_seed(0)
+    gap = _gap_after_change(Described().double(), nn.CrossEntropyLoss(),
+                            lambda: ACTIVATION_CONFIG.__setitem__("scale", 3.0))
+    assert gap < 1e-10
+    gap = _gap_after_change(Helped().double(), _loss_first, lambda: LOSS_CONFIG.__setitem__("power", 1.0))
+    assert gap < 1e-10
+
+
+class Node:
+    """A plain object whose fields point at other nodes."""
+
+
+NODES = [Node() for _ in range(30)]
+for _node in NODES:
+    for _index, _other in enumerate(NODES):
+        setattr(_node, f"link_{_index}", _other)
+
+
+class Linked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 3)
+        self.graph = NODES[0]
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_object_graph_key_stays_small():
+    """Keying each object's fields one level down walked 30 linked objects of 30 fields to
+    the depth limit: 837,939 objects named in every key, rebuilt at every solve."""
+    assert len(_key_referents(Linked())) < 5000
