@@ -51,6 +51,15 @@ def _setting(value: object) -> object:
     return value
 
 
+def _same_setting(a: object, b: object) -> bool:
+    """Compare two settings from :func:`_setting`, floats to float32 precision (a float32 tensor lr of 0.1 is 0.1)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-6)
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def _inner_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
@@ -370,12 +379,13 @@ class SharpnessProbe(Callback):
         differing = {}
         for key in THRESHOLD_SETTINGS:
             values = [_setting(group.get(key)) for group in groups]
-            if any(value != values[0] for value in values[1:]):
+            if any(not _same_setting(value, values[0]) for value in values[1:]):
                 differing[key] = values
         if differing:
             log.warning("%s: the optimizer's param_groups differ in %s; the thresholds use the first group's "
                         "values, so λ_max over all groups against them is not this optimizer's stability "
-                        "criterion. Give the groups equal step sizes and momentum to compare λ_max with them",
+                        "criterion. Put a trainable group first, or give the groups equal step sizes and "
+                        "momentum, to compare λ_max with them",
                         run_id, ", ".join(f"{key} {values}" for key, values in differing.items()))
             self._warned_groups = True
 

@@ -128,10 +128,15 @@ def test_probe_warns_for_frozen_first_group(caplog):
     assert "param_groups differ in lr [0.5, 0.05]" in _warnings_with_groups(caplog, _frozen_first)
 
 
-@pytest.mark.parametrize("make_groups", [_by_dimension, _frozen_group, _list_betas])
+def _tensor_lr(model):
+    return [{"params": model[0].parameters(), "lr": torch.tensor(0.05)}, {"params": model[2].parameters()}]
+
+
+@pytest.mark.parametrize("make_groups", [_by_dimension, _frozen_group, _list_betas, _tensor_lr])
 def test_probe_quiet_for_equal_groups(caplog, make_groups):
     """Groups that differ only in weight decay share one threshold. A frozen group (no row
-    of the Hessian) and betas written as a list used to get the warning."""
+    of the Hessian), betas written as a list, and a float32 tensor step size of 0.05
+    against the float 0.05 used to get the warning."""
     assert "param_groups differ" not in _warnings_with_groups(caplog, make_groups)
 
 
