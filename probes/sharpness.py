@@ -372,8 +372,8 @@ class SharpnessProbe(Callback):
         """
         if self._warned_groups:
             return
-        # The first group's settings make the thresholds. Other groups matter only when they
-        # hold a trainable parameter, because only those parameters are in the Hessian.
+        # The first group's settings set the thresholds. Other groups matter only when they
+        # contain a trainable parameter, because only those parameters are in the Hessian.
         first, *others = optimizer.param_groups
         groups = [first, *(group for group in others if any(p.requires_grad for p in group["params"]))]
         differing = {}

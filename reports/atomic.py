@@ -26,10 +26,11 @@ def _temporary_beside(path: Path, prefix: str, suffix: str = "") -> tuple[int, s
     while True:
         # Eight random characters, as mkstemp uses, so names near the file-system limit still fit.
         temporary = str(path.parent / f"{prefix}{secrets.token_hex(4)}{suffix}")
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
         try:
-            return os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), temporary
+            return os.open(temporary, flags, 0o666), temporary
         except FileExistsError:
-            continue
+            continue  # another writer drew the same name
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
